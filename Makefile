@@ -1,0 +1,40 @@
+# The README's two commands: `make train` and `make test`. Both set up a virtual environment on
+# a fresh machine first (python3 -m venv + pip install -e '.[test]'), once.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/lm_stdlib
+CONFIG ?= experiments/configs/lm_stdlib.py
+PYTEST_ARGS ?=
+
+.PHONY: install train test test-fast lint bench clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+train: install
+	$(PY) -m experiments.train --config=$(CONFIG) --workdir=$(WORKDIR)
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+# LM throughput against the PyTorch eager peer (installs the CPU torch wheel into the venv).
+bench: install
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m experiments.benchmark --config=experiments/configs/lm_char.py \
+		--config.data.path=../shared/data/tinyshakespeare.txt \
+		--peer=../shared/bench/torch_gpt_ref.py --rounds=5
+
+clean:
+	rm -rf runs

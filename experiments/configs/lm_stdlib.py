@@ -1,0 +1,25 @@
+"""Default experiment: a byte-level GPT on this interpreter's standard library sources.
+
+Needs no network and no files: the corpus (~11 MB of Python, split by file) is built once into
+a TFDS data dir (`~/tensorflow_datasets/stdlib_code/` unless `data.data_dir` is set).
+
+    python -m experiments.train --config=experiments/configs/lm_stdlib.py --workdir=runs/stdlib
+
+Expect (2 CPU cores, ~2 minutes): validation loss from 5.5 to about 1.4 nats/byte
+(~2.0 bits per byte) in 1500 steps, and a sample that looks like Python.
+"""
+
+from genai_jax.config import base_config
+
+
+def get_config():
+    config = base_config()
+    config.data.name = "stdlib_code"
+    config.data.tokenizer = "byte"
+    config.model.update(block_size=128, num_layers=4, num_heads=4, embed_dim=128)
+    config.train.update(steps=1500, batch_size=16, learning_rate=2e-3, min_learning_rate=2e-4,
+                        warmup_steps=100, log_every=50)
+    config.eval.update(every=500, steps=20)
+    config.checkpoint.every = 500
+    config.sample.update(prompt="def ", max_new_tokens=300, temperature=0.8)
+    return config

@@ -1,0 +1,43 @@
+"""Sample from a trained run: `python -m experiments.sample --workdir=DIR --prompt=... ...`.
+
+Reads the config and tokenizer saved in DIR and its latest checkpoint. Several `--prompt`
+flags decode together as one batch (KV cache, compiled once).
+"""
+
+from __future__ import annotations
+
+import jax
+from absl import app, flags, logging
+
+from experiments.common import load_workdir_config, parse_flags, user_errors_as_one_line
+from genai_jax.train import prepare
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "a directory written by experiments.train")
+_PROMPT = flags.DEFINE_multi_string("prompt", None, "prompt(s); default: the config's")
+_NEW = flags.DEFINE_integer("max_new_tokens", None, "tokens to generate per prompt")
+_TEMPERATURE = flags.DEFINE_float("temperature", None, "0 = greedy")
+_TOP_K = flags.DEFINE_integer("top_k", None, "keep the k most likely tokens (0 = all)")
+_TOP_P = flags.DEFINE_float("top_p", None, "nucleus sampling mass (1 = off)")
+_SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
+flags.mark_flags_as_required(["workdir"])
+
+
+@user_errors_as_one_line
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    run = prepare(load_workdir_config(_WORKDIR.value), _WORKDIR.value)
+    if run.start_step == 0:
+        logging.warning("%s has no checkpoint: sampling from an untrained model", _WORKDIR.value)
+    outputs = run.family.sample(run.state, jax.random.PRNGKey(_SEED.value), prompts=_PROMPT.value,
+                                max_new_tokens=_NEW.value, temperature=_TEMPERATURE.value,
+                                top_k=_TOP_K.value, top_p=_TOP_P.value)
+    print(run.family.save_samples(outputs, str(run.workdir / "samples"), run.start_step))
+
+
+def run():
+    app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,41 @@
+"""The model-family interface: the trainer's only view of a model.
+
+A family is a few pure functions over a state pytree. The trainer jit-compiles `train_step` and
+`eval_step` with shardings derived from the logical axis names carried by the state's
+`nnx.Variable`s; it never looks inside the state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+State = Any
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What a model family provides.
+
+    init: `rng -> state` (pure; the trainer runs it under jit with output shardings).
+    train_step: `(state, batch) -> (state, metrics)`; the trainer donates the old state.
+    eval_step: `(state, batch) -> metrics` (means over the batch).
+    sample: `(state, rng, **kwargs) -> outputs`, e.g. a list of strings or an image array.
+    save_samples: `(outputs, directory, step) -> str` writes them under `workdir/samples/` and
+      returns a short human-readable summary (printed at the end of training).
+    summarize_eval: `mean eval metrics -> reported metrics` (e.g. loss -> perplexity).
+    tokens_per_example: how many tokens (or pixels) one batch row counts for throughput.
+    """
+
+    init: Callable[[jax.Array], State]
+    train_step: Callable[[State, Batch], tuple[State, Metrics]]
+    eval_step: Callable[[State, Batch], Metrics]
+    sample: Callable[..., Any]
+    save_samples: Callable[[Any, str, int], str]
+    summarize_eval: Callable[[dict[str, float]], dict[str, float]] = lambda m: m
+    tokens_per_example: int = 1

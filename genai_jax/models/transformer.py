@@ -1,0 +1,175 @@
+"""Decoder-only transformer language model (GPT), as a Flax NNX module.
+
+Pre-norm blocks `x + attn(norm(x))`, `x + mlp(norm(x))`; LayerNorm or RMSNorm; learned or rotary
+positions; GELU or SwiGLU MLP; multi-head or grouped-query attention through
+`genai_jax.nn.dot_product_attention`; optional weight tying; dropout; parameters kept in
+`param_dtype` and cast to `dtype` for compute (bf16 compute over fp32 parameters works).
+
+The KV cache is an explicit argument and result (a list of `{"k", "v"}` arrays per layer), so
+decoding stays a pure function of pytrees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from genai_jax.nn import MLP, Dense, Embed, LayerNorm, dot_product_attention, param, rotary
+
+Cache = list[dict[str, jax.Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    vocab_size: int
+    block_size: int = 64
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 0  # 0: same as num_heads (multi-head attention)
+    embed_dim: int = 128
+    mlp_ratio: float = 4.0
+    mlp: str = "gelu"  # gelu | swiglu
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    position: str = "learned"  # learned | rotary
+    use_bias: bool = True
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    attention: str = "xla"  # xla | cudnn | pallas
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.mlp_ratio * self.embed_dim)
+
+
+def _dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        kw = dict(use_bias=cfg.use_bias, dtype=jnp.dtype(cfg.dtype),
+                  param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+        d, h, kvh, hd = cfg.embed_dim, cfg.num_heads, cfg.kv_heads, cfg.head_dim
+        self.cfg = cfg
+        self.q = Dense([d], [h, hd], axes=("embed", "heads", "kv"), **kw)
+        self.k = Dense([d], [kvh, hd], axes=("embed", "heads", "kv"), **kw)
+        self.v = Dense([d], [kvh, hd], axes=("embed", "heads", "kv"), **kw)
+        # GPT-2: residual projections scaled by 1/sqrt(2 * layers).
+        self.out = Dense([h, hd], [d], axes=("heads", "kv", "embed"),
+                         stddev=0.02 / math.sqrt(2 * cfg.num_layers), **kw)
+
+    def __call__(self, x: jax.Array, positions: jax.Array,
+                 cache: dict[str, jax.Array] | None = None):
+        """x: `[batch, seq, embed]`; positions: `[batch, seq]`. Returns (y, updated cache)."""
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        if self.cfg.position == "rotary":
+            q, k = rotary(q, positions), rotary(k, positions)
+        if cache is None:
+            y = dot_product_attention(q, k, v, causal=True, implementation=self.cfg.attention)
+            return self.out(y), None
+        # Write this chunk's keys/values at each row's own position, then attend to every cache
+        # slot at or before the query's position (later slots hold stale or no data).
+        write = jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice(c, u, (s, 0, 0)))
+        start = positions[:, 0]
+        cache = {"k": write(cache["k"], k.astype(cache["k"].dtype), start),
+                 "v": write(cache["v"], v.astype(cache["v"].dtype), start)}
+        slots = jnp.arange(cache["k"].shape[1])
+        mask = (slots[None, None, :] <= positions[:, :, None])[:, None]  # [b, 1, q, L]
+        attention = "xla" if self.cfg.attention == "pallas" else self.cfg.attention
+        y = dot_product_attention(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype),
+                                  mask=mask, implementation=attention)
+        return self.out(y), cache
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        norm = dict(rms=cfg.norm == "rmsnorm", use_bias=cfg.use_bias, dtype=jnp.dtype(cfg.dtype),
+                    param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+        self.dropout = cfg.dropout
+        self.norm1 = LayerNorm(cfg.embed_dim, **norm)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.norm2 = LayerNorm(cfg.embed_dim, **norm)
+        self.mlp = MLP(cfg.embed_dim, cfg.mlp_dim, kind=cfg.mlp, use_bias=cfg.use_bias,
+                       out_stddev=0.02 / math.sqrt(2 * cfg.num_layers),
+                       dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+                       rngs=rngs)
+
+    def __call__(self, x, positions, cache=None, rng=None):
+        r1, r2 = jax.random.split(rng) if rng is not None else (None, None)
+        y, cache = self.attn(self.norm1(x), positions, cache)
+        x = x + _dropout(y, self.dropout, r1)
+        x = x + _dropout(self.mlp(self.norm2(x)), self.dropout, r2)
+        return x, cache
+
+
+class Transformer(nnx.Module):
+    """GPT: token (+ learned position) embedding, `num_layers` blocks, final norm, LM head."""
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        self.cfg = cfg
+        self.embed = Embed(cfg.vocab_size, cfg.embed_dim, dtype=dtype, param_dtype=pdtype,
+                           rngs=rngs)
+        self.pos_embed = (param(rngs, nnx.initializers.normal(0.02),
+                                (cfg.block_size, cfg.embed_dim), (None, "embed"), pdtype)
+                          if cfg.position == "learned" else None)
+        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.norm = LayerNorm(cfg.embed_dim, rms=cfg.norm == "rmsnorm", use_bias=cfg.use_bias,
+                              dtype=dtype, param_dtype=pdtype, rngs=rngs)
+        self.head = (None if cfg.tie_embeddings else
+                     Dense([cfg.embed_dim], [cfg.vocab_size], axes=("embed", "vocab"),
+                           use_bias=False, dtype=dtype, param_dtype=pdtype, rngs=rngs))
+
+    def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
+                 cache: Cache | None = None, rng: jax.Array | None = None):
+        """Next-token logits.
+
+        Args:
+          tokens: int `[batch, seq]`.
+          positions: int `[batch, seq]`; defaults to `0..seq-1` for every row.
+          cache: per-layer `{"k", "v"}` of `[batch, max_len, kv_heads, head_dim]`, or None.
+          rng: dropout key; None means deterministic (evaluation, sampling).
+
+        Returns:
+          (logits `[batch, seq, vocab]` in float32, updated cache or None).
+        """
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        x = self.embed(tokens)
+        if self.pos_embed is not None:
+            x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(x.dtype)
+        rngs = [None] * (len(self.blocks) + 1) if rng is None else list(
+            jax.random.split(rng, len(self.blocks) + 1))
+        x = _dropout(x, self.cfg.dropout, rngs[-1])
+        new_cache = []
+        for i, block in enumerate(self.blocks):
+            x, layer_cache = block(x, positions, None if cache is None else cache[i], rngs[i])
+            new_cache.append(layer_cache)
+        x = self.norm(x)
+        logits = self.embed.attend(x) if self.head is None else self.head(x)
+        return logits.astype(jnp.float32), (None if cache is None else new_cache)
+
+
+
+def init_cache(cfg: TransformerConfig, batch: int, max_len: int) -> Cache:
+    """An empty KV cache for `batch` rows of up to `max_len` positions."""
+    shape, dtype = (batch, max_len, cfg.kv_heads, cfg.head_dim), jnp.dtype(cfg.dtype)
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+            for _ in range(cfg.num_layers)]

@@ -1,0 +1,127 @@
+"""Small Flax NNX layers whose every parameter carries logical axis names.
+
+The names (`embed`, `mlp`, `heads`, `kv`, `vocab`, ...) are mapped to mesh axes by the one
+rules table in `genai_jax.parallel.sharding`; the layers themselves know nothing of meshes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = nnx.initializers.Initializer
+
+
+def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Sequence[str | None],
+          dtype: jnp.dtype) -> nnx.Param:
+    """A parameter annotated with logical axis names (one per dimension)."""
+    assert len(axes) == len(shape), (shape, axes)
+    return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(axes),
+                     eager_sharding=False)
+
+
+class Dense(nnx.Module):
+    """`y = x @ kernel (+ bias)`, contracting the last `len(in_shape)` axes of x.
+
+    The kernel is `[*in_shape, *out_shape]`, so attention projections keep their head axes
+    (`[embed, heads, head_dim]`) and can be split over `tensor` without reshapes.
+    """
+
+    def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], *,
+                 axes: Sequence[str | None], use_bias: bool = True, stddev: float = 0.02,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        in_shape, out_shape = tuple(in_shape), tuple(out_shape)
+        self.n_in = len(in_shape)
+        self.dtype = dtype
+        self.kernel = param(rngs, nnx.initializers.normal(stddev), in_shape + out_shape, axes,
+                            param_dtype)
+        self.bias = (param(rngs, nnx.initializers.zeros, out_shape, axes[self.n_in:], param_dtype)
+                     if use_bias else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.kernel[...].astype(self.dtype)
+        dims = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel, (dims, ((), ())))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token embedding `[vocab, embed]`; `attend` reuses it as the output projection (tying)."""
+
+    def __init__(self, vocab: int, dim: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.embedding = param(rngs, nnx.initializers.normal(0.02), (vocab, dim),
+                               ("vocab", "embed"), param_dtype)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return x @ self.embedding[...].astype(self.dtype).T
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm (or RMSNorm with `rms=True`), statistics in float32."""
+
+    def __init__(self, dim: int, *, rms: bool = False, use_bias: bool = True, eps: float = 1e-5,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.rms, self.eps, self.dtype = rms, eps, dtype
+        self.scale = param(rngs, nnx.initializers.ones, (dim,), ("embed",), param_dtype)
+        self.bias = (param(rngs, nnx.initializers.zeros, (dim,), ("embed",), param_dtype)
+                     if use_bias and not rms else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        if self.rms:
+            y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.eps)
+        else:
+            mean = jnp.mean(x32, -1, keepdims=True)
+            var = jnp.mean(jnp.square(x32 - mean), -1, keepdims=True)
+            y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y.astype(self.dtype)
+
+
+class MLP(nnx.Module):
+    """Transformer feed-forward block: GELU (`x W1 -> gelu -> W2`) or SwiGLU."""
+
+    def __init__(self, dim: int, hidden: int, *, kind: str = "gelu", use_bias: bool = True,
+                 out_stddev: float = 0.02, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.kind = kind
+        self.up = Dense([dim], [hidden], axes=("embed", "mlp"), **kw)
+        self.gate = (Dense([dim], [hidden], axes=("embed", "mlp"), **kw)
+                     if kind == "swiglu" else None)
+        self.down = Dense([hidden], [dim], axes=("mlp", "embed"), stddev=out_stddev, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.kind == "swiglu":
+            h = jax.nn.silu(self.gate(x)) * self.up(x)
+        else:
+            h = jax.nn.gelu(self.up(x), approximate=False)
+        return self.down(h)
+
+
+def rotary(x: jax.Array, positions: jax.Array, base: float = 10_000.0) -> jax.Array:
+    """Rotary position embedding (rotate-half convention).
+
+    Args:
+      x: `[batch, seq, heads, head_dim]`, head_dim even.
+      positions: `[batch, seq]` integer positions.
+    """
+    half = x.shape[-1] // 2
+    freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions[..., None].astype(jnp.float32) * freqs  # [batch, seq, half]
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)

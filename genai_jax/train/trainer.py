@@ -1,0 +1,213 @@
+"""The one generic trainer: data, compilation with shardings, loop, checkpoints, metrics.
+
+It knows nothing about any model: a family (`genai_jax.models.Family`) supplies pure `init`,
+`train_step`, `eval_step` and `sample` functions over a state pytree, and the trainer does the
+rest. Rerunning `train` with the same workdir resumes from the latest checkpoint, and the
+resumed run is step for step the run that was never interrupted (batches are a function of
+(seed, step); dropout keys are `fold_in(rng, step)`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import pathlib
+import signal
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+from genai_jax import config as config_lib
+from genai_jax import data as data_lib
+from genai_jax import models, parallel
+from genai_jax.errors import UserError
+from genai_jax.train.checkpoint import Checkpointer, abstract_with_shardings
+from genai_jax.train.metrics import MetricWriter
+
+
+class TrainingDiverged(UserError):
+    pass
+
+
+@dataclasses.dataclass
+class Run:
+    """A prepared run: everything `train` needs, also handy in notebooks and benchmarks."""
+
+    config: Any
+    workdir: pathlib.Path
+    mesh: jax.sharding.Mesh
+    pipeline: data_lib.Pipeline
+    family: models.Family
+    state_shardings: Any
+    batch_sharding: NamedSharding
+    checkpointer: Checkpointer
+    state: Any = None
+    start_step: int = 0
+
+    def global_batch(self, step: int) -> dict:
+        local = self.pipeline.train.batch(step, jax.process_index(), jax.process_count())
+        return parallel.global_batch(local, self.batch_sharding)
+
+    def jit_train_step(self):
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        return jax.jit(self.family.train_step, donate_argnums=0,
+                       in_shardings=(self.state_shardings, self.batch_sharding),
+                       out_shardings=(self.state_shardings, replicated))
+
+    def jit_eval_step(self):
+        return jax.jit(self.family.eval_step,
+                       in_shardings=(self.state_shardings, self.batch_sharding))
+
+    def evaluate(self, eval_step=None) -> dict[str, float]:
+        eval_step = eval_step or self.jit_eval_step()
+        outs = [eval_step(self.state, parallel.global_batch(b, self.batch_sharding))
+                for b in self.pipeline.eval]
+        means = {k: float(np.mean([o[k] for o in jax.device_get(outs)])) for k in outs[0]}
+        return self.family.summarize_eval(means)
+
+
+def prepare(config, workdir: str | pathlib.Path) -> Run:
+    """Check everything, build data and model, restore or initialise the state.
+
+    Every check that can fail on a researcher's mistake runs here, before compilation and before
+    anything in `workdir` is written.
+    """
+    config_lib.validate(config)
+    workdir = pathlib.Path(workdir)
+    saved_config = workdir / "config.json"
+    if saved_config.exists():
+        diff = config_lib.incompatibilities(config_lib.load(saved_config), config)
+        if diff:
+            raise UserError(f"workdir {workdir} holds a run of another model/data config "
+                            f"({'; '.join(diff[:3])}): use a new --workdir")
+    mesh = parallel.make_mesh(config.mesh)
+    dp = parallel.data_parallel_size(mesh)
+    micro = config.train.batch_size // config.train.grad_accum_steps
+    if micro % dp:
+        raise parallel.MeshError(
+            f"train.batch_size={config.train.batch_size} (micro-batches of {micro}) does not "
+            f"divide over the {dp} data-parallel devices (mesh data x fsdp)")
+    pipeline = data_lib.build(config, models.modality(config.model.family), workdir)
+    family = models.build(config, pipeline.info)
+    rng = jax.random.PRNGKey(config.seed)
+    abstract = jax.eval_shape(family.init, rng)
+    shardings = parallel.state_shardings(abstract, mesh)
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
+                                async_save=config.checkpoint.async_save)
+    run = Run(config, workdir, mesh, pipeline, family, shardings, parallel.batch_sharding(mesh),
+              checkpointer)
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        run.state, meta = checkpointer.restore(latest, abstract_with_shardings(abstract, shardings))
+        run.start_step = int(meta["data_step"])
+    else:
+        run.state = jax.jit(family.init, out_shardings=shardings)(rng)
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        config_lib.save(config, saved_config)
+        pipeline.save(workdir)
+    return run
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """SIGTERM/SIGINT set a flag; the loop then checkpoints and returns cleanly."""
+    stop = {"signal": None}
+
+    def handler(signum, frame):
+        del frame
+        stop["signal"] = signal.Signals(signum).name
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def train(config, workdir: str | pathlib.Path, *, progress: bool = True,
+          stop_at_step: int | None = None) -> Run:
+    """Train `config` in `workdir` (resuming if it has checkpoints); returns the final Run.
+
+    `stop_at_step` ends this call early, with a checkpoint, as a preemption would: the schedule
+    and data still follow `train.steps`, and a later call resumes from there.
+    """
+    run = prepare(config, workdir)
+    cfg = config
+    steps, log_every = cfg.train.steps, cfg.train.log_every
+    writer = MetricWriter(run.workdir)
+    is_main = jax.process_index() == 0
+    tokens_per_step = cfg.train.batch_size * run.family.tokens_per_example
+
+    step = run.start_step
+    if step >= steps:
+        logging.info("workdir %s is already trained to step %d", run.workdir, step)
+    else:
+        t0 = time.perf_counter()
+        train_step = run.jit_train_step().lower(run.state, run.global_batch(step)).compile()
+        compile_s = time.perf_counter() - t0
+        logging.info("compiled the train step in %.1f s", compile_s)
+        eval_step = run.jit_eval_step()
+        bar = tqdm(total=steps, initial=step, disable=not (progress and is_main),
+                   dynamic_ncols=True, unit="step")
+        pending: list[tuple[int, dict]] = []
+        last_log_time, last_log_step = time.perf_counter(), step
+        good_step = step if run.checkpointer.latest_step() is not None else None
+        with _stop_on_signals() as stop, contextlib.ExitStack() as cleanup:
+            cleanup.callback(run.checkpointer.wait)  # an async save in flight always completes
+            while step < steps:
+                run.state, metrics = train_step(run.state, run.global_batch(step))
+                step += 1
+                pending.append((step, metrics))
+                if step == stop_at_step:
+                    stop["signal"] = f"stop_at_step={step}"
+                stopping = stop["signal"]  # read once: a signal may land at any line below
+                do_eval = step % cfg.eval.every == 0 or step == steps
+                do_ckpt = step % cfg.checkpoint.every == 0 or step == steps or stopping
+                if step % log_every == 0 or do_eval or do_ckpt:
+                    fetched = jax.device_get(pending)
+                    pending = []
+                    _check_finite(fetched, good_step, run.workdir)
+                    now = time.perf_counter()
+                    record = {f"train/{k}": float(np.mean([m[k] for _, m in fetched]))
+                              for k in fetched[-1][1]}
+                    record["train/tokens_per_s"] = (
+                        tokens_per_step * (step - last_log_step) / (now - last_log_time))
+                    if last_log_step == run.start_step:
+                        record["train/compile_s"] = compile_s
+                    last_log_time, last_log_step = now, step
+                    if do_eval:
+                        record.update({f"eval/{k}": v for k, v in run.evaluate(eval_step).items()})
+                    writer.write(step, record)
+                    bar.set_postfix(loss=f"{record['train/loss']:.4f}",
+                                    tok_s=f"{record['train/tokens_per_s']:.0f}", refresh=False)
+                bar.update(1)
+                if do_ckpt:
+                    run.checkpointer.save(step, run.state, {"data_step": step})
+                    good_step = step
+                if stopping:
+                    logging.warning("%s: saved a checkpoint at step %d; rerun the same command to "
+                                    "resume", stopping, step)
+                    break
+        bar.close()
+    writer.close()
+    run.start_step = step
+    return run
+
+
+def _check_finite(fetched: list[tuple[int, dict]], good_step: int | None, workdir) -> None:
+    for step, metrics in fetched:
+        loss = float(metrics["loss"])
+        if not math.isfinite(loss):
+            kept = ("no checkpoint was written yet" if good_step is None else
+                    f"the last good checkpoint (step {good_step}) in {workdir} is intact")
+            raise TrainingDiverged(
+                f"the training loss is {loss} at step {step}; stopped, and {kept}: lower "
+                "train.learning_rate or set train.grad_clip, then rerun")

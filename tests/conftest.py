@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny configs and data files, and one trained run reused across tests."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def tiny_lm_config(**overrides):
+    """A 2-layer GPT on a local text file: compiles in a couple of seconds."""
+    from genai_jax.config import base_config
+
+    c = base_config()
+    c.data.update(name="text_file", tokenizer="char")
+    c.model.update(block_size=16, num_layers=2, num_heads=2, embed_dim=32)
+    c.train.update(steps=20, batch_size=4, warmup_steps=2, log_every=5, learning_rate=3e-3)
+    c.eval.update(every=10, steps=2)
+    c.checkpoint.update(every=10, keep=2)
+    c.sample.update(max_new_tokens=8)
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    c.lock()
+    return c
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> pathlib.Path:
+    """A small generated corpus (a few KB of varied English-like text)."""
+    words = ("the quick brown fox jumps over a lazy dog while seven wizards hum softly "
+             "and bright stars glow above quiet hills").split()
+    lines = [" ".join(words[(i * 7 + j) % len(words)] for j in range(5 + i % 7)).capitalize() + "."
+             for i in range(400)]
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def env():
+    """Environment for subprocesses: the repo importable, no accelerator probing noise."""
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    e["JAX_PLATFORMS"] = "cpu"
+    return e

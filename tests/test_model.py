@@ -1,0 +1,128 @@
+"""The transformer and its attention: variants, logical axes, KV-cache decoding."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from genai_jax.models.transformer import Transformer, TransformerConfig, init_cache
+from genai_jax.nn import dot_product_attention
+from genai_jax.parallel import logical_axes
+from genai_jax.sampling.decode import generate, sample_logits
+
+BASE = dict(vocab_size=50, block_size=16, num_layers=2, num_heads=4, embed_dim=32)
+
+
+def _model(**kw):
+    return Transformer(TransformerConfig(**{**BASE, **kw}), rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_xla_attention_matches_jax_reference(causal, kv_heads):
+    kq, kk, kv = jax.random.split(jax.random.PRNGKey(0), 3)
+    q = jax.random.normal(kq, (2, 7, 4, 8))
+    k = jax.random.normal(kk, (2, 7, kv_heads, 8))
+    v = jax.random.normal(kv, (2, 7, kv_heads, 8))
+    ours = dot_product_attention(q, k, v, causal=causal)
+    ref = jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")
+    np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_segment_ids_block_attention_across_documents():
+    q = k = v = jax.random.normal(jax.random.PRNGKey(1), (1, 6, 2, 4))
+    seg = jnp.array([[0, 0, 0, 1, 1, 1]])
+    packed = dot_product_attention(q, k, v, causal=True, segment_ids=seg)
+    alone = dot_product_attention(q[:, 3:], k[:, 3:], v[:, 3:], causal=True)
+    np.testing.assert_allclose(packed[:, 3:], alone, atol=1e-6)
+
+
+def test_unknown_attention_implementation_is_rejected():
+    q = jnp.zeros((1, 2, 1, 4))
+    with pytest.raises(ValueError, match="not one of"):
+        dot_product_attention(q, q, q, implementation="flash9000")
+
+
+@pytest.mark.parametrize("variant", [
+    {},
+    {"norm": "rmsnorm", "position": "rotary", "mlp": "swiglu", "use_bias": False},
+    {"num_kv_heads": 2, "tie_embeddings": False, "dropout": 0.1},
+])
+def test_transformer_variants_forward(variant):
+    model = _model(**variant)
+    tokens = jnp.arange(24).reshape(2, 12) % 50
+    logits, cache = model(tokens)
+    assert logits.shape == (2, 12, 50) and logits.dtype == jnp.float32 and cache is None
+    assert bool(jnp.all(jnp.isfinite(logits)))
+    # causal: changing a later token never changes earlier logits
+    changed, _ = model(tokens.at[:, 8].set(3))
+    np.testing.assert_allclose(changed[:, :8], logits[:, :8], atol=1e-5)
+    if variant.get("dropout"):
+        a, _ = model(tokens, rng=jax.random.PRNGKey(0))
+        assert not np.allclose(a, logits)
+
+
+def test_bf16_compute_over_fp32_params():
+    model = _model(dtype="bfloat16")
+    params = nnx.state(model, nnx.Param)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+    logits, _ = model(jnp.zeros((1, 8), jnp.int32))
+    ref, _ = _model()(jnp.zeros((1, 8), jnp.int32))
+    assert bool(jnp.all(jnp.isfinite(logits)))
+    np.testing.assert_allclose(logits, ref, atol=0.05)  # bf16 has ~3 significant digits
+
+
+def test_every_parameter_has_logical_axes():
+    params = nnx.state(_model(num_kv_heads=2, tie_embeddings=False), nnx.Param)
+    axes = jax.tree.leaves(logical_axes(params), is_leaf=lambda x: isinstance(x, tuple))
+    shapes = jax.tree.leaves(params)
+    assert len(axes) == len(shapes)
+    for names, x in zip(axes, shapes, strict=True):
+        assert isinstance(names, tuple) and len(names) == x.ndim, (names, x.shape)
+    assert {"embed", "mlp", "heads", "kv", "vocab"} <= {n for a in axes for n in a}
+
+
+def _apply(graphdef, params, tokens, positions, cache):
+    return nnx.merge(graphdef, params)(tokens, positions=positions, cache=cache)
+
+
+@pytest.mark.parametrize("variant", [{}, {"position": "rotary", "num_kv_heads": 2}])
+def test_greedy_decoding_with_cache_equals_without(variant):
+    cfg = TransformerConfig(**{**BASE, **variant})
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(3)), nnx.Param)
+    prompts = [np.array([1, 2, 3, 4, 5]), np.array([7, 8])]  # different lengths, one batch
+    new = 9
+    cached = generate(functools.partial(_apply, graphdef), functools.partial(init_cache, cfg),
+                      params, prompts, new, jax.random.PRNGKey(0), block_size=cfg.block_size,
+                      temperature=0.0)
+    model = nnx.merge(graphdef, params)
+    for prompt, got in zip(prompts, cached, strict=True):
+        seq = list(prompt)
+        for _ in range(new):  # no cache: rerun the whole sequence for every token
+            logits, _ = model(jnp.array([seq]))
+            seq.append(int(jnp.argmax(logits[0, -1])))
+        np.testing.assert_array_equal(got, seq[len(prompt):])
+
+
+def test_generation_beyond_the_block_size_shifts_the_context():
+    cfg = TransformerConfig(**BASE)
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(3)), nnx.Param)
+    out = generate(functools.partial(_apply, graphdef), functools.partial(init_cache, cfg),
+                   params, [np.array([1, 2, 3])], 40, jax.random.PRNGKey(0),
+                   block_size=cfg.block_size, temperature=1.0)
+    assert out[0].shape == (40,) and out[0].min() >= 0 and out[0].max() < cfg.vocab_size
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+    keys = jax.random.split(jax.random.PRNGKey(0), 200)
+    draw = lambda **kw: {int(sample_logits(logits, k, **kw)[0]) for k in keys}
+    assert draw(top_k=2) == {0, 1}
+    assert draw(top_p=0.7) == {0, 1}  # 0.5 < 0.7 needs the second token, not the third
+    assert draw(temperature=0.0) == {0}
+    assert draw() == {0, 1, 2, 3}
