@@ -84,17 +84,15 @@ class Attention(nnx.Module):
         if cache is None:
             y = dot_product_attention(q, k, v, causal=True, implementation=self.cfg.attention)
             return self.out(y), None
-        # Write this chunk's keys/values at each row's own position, then attend to every cache
-        # slot at or before the query's position (later slots hold stale or no data).
+        # Write this chunk's keys/values at each row's own position; each row then attends to
+        # its cache up to the query's position (later slots hold stale or no data).
         write = jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice(c, u, (s, 0, 0)))
         start = positions[:, 0]
         cache = {"k": write(cache["k"], k.astype(cache["k"].dtype), start),
                  "v": write(cache["v"], v.astype(cache["v"].dtype), start)}
-        slots = jnp.arange(cache["k"].shape[1])
-        mask = (slots[None, None, :] <= positions[:, :, None])[:, None]  # [b, 1, q, L]
-        attention = "xla" if self.cfg.attention == "pallas" else self.cfg.attention
         y = dot_product_attention(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype),
-                                  mask=mask, implementation=attention)
+                                  kv_lengths=positions[:, -1] + 1,
+                                  implementation=self.cfg.attention)
         return self.out(y), cache
 
 
