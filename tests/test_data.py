@@ -73,13 +73,17 @@ def test_stdlib_corpus_is_built_once_and_split_by_file(tmp_path):
     np.testing.assert_array_equal(again.validation, data.validation)
 
 
-def test_tfds_catalog_dataset_with_mock_data(tmp_path):
-    cfg = tiny_lm_config(**{"data.name": "tiny_shakespeare", "data.tokenizer": "byte",
-                            "data.data_dir": str(tmp_path)}).data
-    with tfds.testing.mock_data(num_examples=3):
+@pytest.mark.parametrize("name,eval_split", [("tiny_shakespeare", "validation"),
+                                             ("lm1b", "test")])
+def test_tfds_catalog_dataset_with_mock_data(name, eval_split, tmp_path):
+    cfg = tiny_lm_config(**{"data.name": name, "data.tokenizer": "char",
+                            "data.eval_split": eval_split, "data.data_dir": str(tmp_path)}).data
+    with tfds.testing.mock_data(num_examples=4):
         data = load_text(cfg)
-    assert len(data.train) > 0 and len(data.validation) > 0
-    assert data.tokenizer.vocab_size == 256
+    # mock examples are random strings; 4 documents joined by 3 separators per split
+    assert len(data.train) > 4 and len(data.validation) > 4
+    assert (data.train == data.tokenizer.start_token).sum() >= 3
+    assert "\0" in data.tokenizer.chars
 
 
 def test_unknown_dataset_and_missing_split(tmp_path):

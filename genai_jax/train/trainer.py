@@ -66,10 +66,16 @@ class Run:
 
     def evaluate(self, eval_step=None) -> dict[str, float]:
         eval_step = eval_step or self.jit_eval_step()
-        outs = [eval_step(self.state, parallel.global_batch(b, self.batch_sharding))
+        outs = [eval_step(self.state, parallel.global_batch(_process_rows(b), self.batch_sharding))
                 for b in self.pipeline.eval]
         means = {k: float(np.mean([o[k] for o in jax.device_get(outs)])) for k in outs[0]}
         return self.family.summarize_eval(means)
+
+
+def _process_rows(batch: dict) -> dict:
+    """This process's share of the rows of a global batch."""
+    i, n = jax.process_index(), jax.process_count()
+    return jax.tree.map(lambda x: x[i * (len(x) // n):(i + 1) * (len(x) // n)], batch)
 
 
 def prepare(config, workdir: str | pathlib.Path) -> Run:
