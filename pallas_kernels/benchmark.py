@@ -3,6 +3,12 @@
     python -m pallas_kernels.benchmark                      # small CPU-sized defaults
     python -m pallas_kernels.benchmark --batch 4 --seq 4096 --heads 16 --head_dim 128 \
         --dtype bfloat16 --causal                           # a GPU/TPU-sized run
+    python -m pallas_kernels.benchmark --op=groupnorm       # the denoising kernels vs
+    python -m pallas_kernels.benchmark --op=sampler         # jax.jit of their references
+
+--op=groupnorm / --op=sampler take --batch --height --width --channels --groups --dtype
+(defaults: 2x8x8x64 float32 on CPU, a UNet-sized 16x32x32x256 bfloat16 on GPU/TPU); see
+pallas_kernels._denoise_benchmark for what they time.
 
 Prints one line per implementation, then one JSON object (the last line) with forward and
 forward+backward milliseconds, TFLOP/s and memory figures. FLOPs count the useful matmul work
@@ -23,7 +29,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import flash_attention
+from pallas_kernels import _denoise_benchmark, flash_attention
 from pallas_kernels.backends import current_platform, resolve_backend
 
 _CPU_DEFAULTS = dict(batch=1, seq=256, heads=2, head_dim=64, dtype="float32")
@@ -60,6 +66,8 @@ def _implementations(args, backend: str) -> dict:
 
 
 def run(args) -> dict:
+    if args.op != "attention":
+        return _run_denoise(args)
     backend = resolve_backend(args.backend)
     dtype = jnp.dtype(args.dtype)
     kq, kk, kv = jax.random.split(jax.random.key(0), 3)
@@ -105,8 +113,22 @@ def run(args) -> dict:
     }
 
 
+def _run_denoise(args) -> dict:
+    backend = resolve_backend(args.backend)
+    op = {"groupnorm": _denoise_benchmark.run_groupnorm,
+          "sampler": _denoise_benchmark.run_sampler}[args.op]
+    report = op(args, backend, lambda fn, a: _time_ms(fn, a, args.iters), _temp_bytes)
+    device = jax.devices()[0]
+    stats = device.memory_stats() or {}
+    return {"op": args.op, "device": device.device_kind, "platform": current_platform(),
+            "backend": backend, "dtype": args.dtype, **report,
+            "peak_bytes_in_use": stats.get("peak_bytes_in_use")}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--op", choices=["attention", "groupnorm", "sampler"],
+                        default="attention")
     parser.add_argument("--batch", type=int)
     parser.add_argument("--seq", type=int)
     parser.add_argument("--heads", type=int)
@@ -116,8 +138,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--backend", default=None, help="pallas backend; default by platform")
     parser.add_argument("--iters", type=int, default=5)
+    for name in ("height", "width", "channels", "groups"):
+        parser.add_argument(f"--{name}", type=int, help="--op=groupnorm / sampler only")
     args = parser.parse_args(argv)
-    defaults = _CPU_DEFAULTS if current_platform() == "cpu" else _ACCEL_DEFAULTS
+    cpu = current_platform() == "cpu"
+    if args.op == "attention":
+        defaults = _CPU_DEFAULTS if cpu else _ACCEL_DEFAULTS
+    else:
+        defaults = (_denoise_benchmark.CPU_DEFAULTS if cpu
+                    else _denoise_benchmark.ACCEL_DEFAULTS)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)

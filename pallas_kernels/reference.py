@@ -84,3 +84,60 @@ def decode(q, k_cache, v_cache, lengths, *, sm_scale: float | None = None,
     mask = jnp.arange(max_len)[None, None, :] <= pos[:, :, None]  # [batch, q_len, max_len]
     return masked_attention(q, k_cache, v_cache, mask[:, None], sm_scale=sm_scale,
                             compute_dtype=compute_dtype)
+
+
+def group_norm_modulate_silu(x, gamma, beta, scale, shift, *, groups: int,
+                             eps: float = 1e-5) -> jax.Array:
+    """Reference for pallas_kernels.group_norm_modulate_silu, in float32.
+
+    x: [batch, height, width, channels]; gamma, beta: [channels]; scale, shift:
+    [batch, channels]. Returns silu(groupnorm(x) * (1 + scale) + shift) in x's dtype.
+    """
+    batch, height, width, channels = x.shape
+    xf = x.astype(jnp.float32).reshape(batch, height, width, groups, channels // groups)
+    mean = jnp.mean(xf, axis=(1, 2, 4), keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=(1, 2, 4), keepdims=True)
+    normed = ((xf - mean) / jnp.sqrt(var + eps)).reshape(x.shape)
+    y = normed * gamma.astype(jnp.float32) + beta.astype(jnp.float32)
+    z = y * (1.0 + scale.astype(jnp.float32)[:, None, None, :])
+    z = z + shift.astype(jnp.float32)[:, None, None, :]
+    return jax.nn.silu(z).astype(x.dtype)
+
+
+def sampler_step(x_t, model_output, noise, coeffs, *, parameterization: str,
+                 clip_x0: bool = False, guidance_scale=None, uncond_output=None) -> jax.Array:
+    """Reference for pallas_kernels.sampler_step: x_{t-1} from x_t and the network output.
+
+    coeffs: a pallas_kernels.SamplerCoefficients whose fields are scalars or [batch].
+    Arithmetic in float32; returns x_t's dtype.
+    """
+    f32 = jnp.float32
+
+    def per_row(c):  # scalar or [batch] -> broadcastable against [batch, ...]
+        c = jnp.asarray(c, f32)
+        return c.reshape(c.shape + (1,) * (x_t.ndim - c.ndim))
+
+    xt, out = x_t.astype(f32), model_output.astype(f32)
+    if guidance_scale is not None:
+        uncond = uncond_output.astype(f32)
+        out = uncond + per_row(guidance_scale) * (out - uncond)
+    a, s = per_row(coeffs.sqrt_alpha_bar), per_row(coeffs.sqrt_one_minus_alpha_bar)
+    if parameterization == "eps":
+        eps = out
+        x0 = (xt - s * eps) / a
+    elif parameterization == "x0":
+        x0 = out
+        eps = (xt - a * x0) / s
+    elif parameterization == "v":
+        x0 = a * xt - s * out
+        eps = s * xt + a * out
+    else:
+        raise ValueError(f"unknown parameterization {parameterization!r}")
+    if clip_x0:
+        x0 = jnp.clip(x0, -1.0, 1.0)
+        eps = (xt - a * x0) / s
+    x_prev = (per_row(coeffs.coef_x0) * x0 + per_row(coeffs.coef_xt) * xt
+              + per_row(coeffs.coef_eps) * eps)
+    if noise is not None:
+        x_prev = x_prev + per_row(coeffs.sigma) * noise.astype(f32)
+    return x_prev.astype(x_t.dtype)
