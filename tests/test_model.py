@@ -128,3 +128,20 @@ def test_top_k_and_top_p_restrict_the_support():
     assert draw(top_p=0.7) == {0, 1}  # 0.5 < 0.7 needs the second token, not the third
     assert draw(temperature=0.0) == {0}
     assert draw() == {0, 1, 2, 3}
+
+
+def test_custom_matmul_gradient_and_gelu_equal_the_plain_ones():
+    from genai_jax.nn.layers import gelu, matmul
+
+    kx, kw, kg = jax.random.split(jax.random.PRNGKey(0), 3)
+    x, w = jax.random.normal(kx, (6, 5)), jax.random.normal(kw, (5, 3))
+    dy = jax.random.normal(kg, (6, 3))
+    ours = jax.vjp(matmul, x, w)[1](dy)
+    plain = jax.vjp(jnp.matmul, x, w)[1](dy)
+    for a, b in zip(ours, plain, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    z = jnp.linspace(-6, 6, 101)
+    np.testing.assert_allclose(gelu(z), jax.nn.gelu(z, approximate=False), atol=1e-6)
+    np.testing.assert_allclose(jax.grad(lambda t: gelu(t).sum())(z),
+                               jax.grad(lambda t: jax.nn.gelu(t, approximate=False).sum())(z),
+                               atol=1e-5)

@@ -6,6 +6,7 @@ rules table in `genai_jax.parallel.sharding`; the layers themselves know nothing
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -21,6 +22,37 @@ def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Sequenc
     assert len(axes) == len(shape), (shape, axes)
     return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(axes),
                      eager_sharding=False)
+
+
+@jax.custom_vjp
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """`x @ w` for `x [m, k]`, `w [k, n]`, with a backward pass that XLA's CPU backend runs well.
+
+    Autodiff computes `dW = X^T dY`, for which XLA:CPU transposes dY and fuses the whole
+    elementwise backward chain into that strided copy (the largest cost of a small GPT step on
+    CPU). Computing `dW^T = dY^T X` and transposing the small result instead is the same math
+    and about 1.4x faster per training step there; on GPU/TPU it is neutral.
+    """
+    return x @ w
+
+
+def _matmul_fwd(x, w):
+    return x @ w, (x, w)
+
+
+def _matmul_bwd(residuals, dy):
+    x, w = residuals
+    dw_t = jax.lax.dot_general(dy, x, (((0,), (0,)), ((), ())))  # [n, k]
+    return (dy @ w.T).astype(x.dtype), dw_t.T.astype(w.dtype)
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact (erf) GELU, written out: `jax.nn.gelu(approximate=False)` lowers through erfc with
+    two exp branches, about 3x slower on XLA:CPU for the same values."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
 
 
 class Dense(nnx.Module):
@@ -43,8 +75,9 @@ class Dense(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...].astype(self.dtype)
-        dims = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel, (dims, ((), ())))
+        batch_shape, out_shape = x.shape[:x.ndim - self.n_in], kernel.shape[self.n_in:]
+        x2 = x.astype(self.dtype).reshape(-1, math.prod(kernel.shape[:self.n_in]))
+        y = matmul(x2, kernel.reshape(x2.shape[1], -1)).reshape(*batch_shape, *out_shape)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -107,7 +140,7 @@ class MLP(nnx.Module):
         if self.kind == "swiglu":
             h = jax.nn.silu(self.gate(x)) * self.up(x)
         else:
-            h = jax.nn.gelu(self.up(x), approximate=False)
+            h = gelu(self.up(x))
         return self.down(h)
 
 
