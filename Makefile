@@ -34,7 +34,7 @@ bench: install
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m experiments.benchmark --config=experiments/configs/lm_char.py \
 		--config.data.path=../shared/data/tinyshakespeare.txt \
-		--peer=../shared/bench/torch_gpt_ref.py --rounds=5
+		--peer=../shared/bench/torch_gpt_ref.py --rounds=3
 
 clean:
 	rm -rf runs

@@ -5,8 +5,8 @@ a TFDS data dir (`~/tensorflow_datasets/stdlib_code/` unless `data.data_dir` is 
 
     python -m experiments.train --config=experiments/configs/lm_stdlib.py --workdir=runs/stdlib
 
-Expect (2 CPU cores, ~2 minutes): validation loss from 5.5 to about 1.4 nats/byte
-(~2.0 bits per byte) in 1500 steps, and a sample that looks like Python.
+Expect (2 CPU cores, ~3 minutes with the one-off corpus build): validation loss from 5.5 to
+about 1.58 nats per byte (2.28 bits per byte) at step 1000, and a sample with Python's look.
 """
 
 from genai_jax.config import base_config
@@ -17,7 +17,7 @@ def get_config():
     config.data.name = "stdlib_code"
     config.data.tokenizer = "byte"
     config.model.update(block_size=128, num_layers=4, num_heads=4, embed_dim=128)
-    config.train.update(steps=1500, batch_size=16, learning_rate=2e-3, min_learning_rate=2e-4,
+    config.train.update(steps=1000, batch_size=16, learning_rate=2e-3, min_learning_rate=2e-4,
                         warmup_steps=100, log_every=50)
     config.eval.update(every=500, steps=20)
     config.checkpoint.every = 500
