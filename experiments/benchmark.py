@@ -4,9 +4,9 @@
         --config.data.path=../shared/data/tinyshakespeare.txt
 
 Figures: training tokens/s and step time (median of `--rounds` timed rounds of `--steps` steps,
-after the first compiled step), first-step compile time, model FLOPs per token (6N + 12·L·T·D,
-N = non-embedding parameters plus the tied output projection) and MFU against the device's
-peak, decode tokens/s with the KV cache, and peak memory where the platform reports it.
+in calls of `train.steps_per_call`, after the first compiled call), first-step compile time,
+model FLOPs per token (6N + 12·L·T·D, N = parameters without the position table), MFU against
+the device's peak, decode tokens/s with the KV cache, and peak memory where the platform reports it.
 
 The peak is *measured* (`peak_source`): the best time of a square matrix product in the model's
 compute dtype (4096 on GPU/TPU, 1024 on CPU), so MFU reads as "fraction of what this device's
@@ -86,22 +86,24 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     with tempfile.TemporaryDirectory() as workdir:
         run = prepare(cfg, workdir)
-        batch = run.global_batch(0)
+        k = run.steps_per_call
+        calls = max(1, _STEPS.value // k)
+        batch = run.global_batches(0)
         t0 = time.perf_counter()
         step_fn = run.jit_train_step().lower(run.state, batch).compile()
         compile_s = time.perf_counter() - t0
         state, metrics = step_fn(run.state, batch)
         jax.block_until_ready(metrics)
         tokens_per_step = cfg.train.batch_size * run.family.tokens_per_example
-        ours, peer, step = [], [], 1
+        ours, peer, step = [], [], k
         for _ in range(_ROUNDS.value):
-            batches = [run.global_batch(step + i) for i in range(_STEPS.value)]
+            batches = [run.global_batches(step + i * k) for i in range(calls)]
             t0 = time.perf_counter()
             for b in batches:
                 state, metrics = step_fn(state, b)
             jax.block_until_ready((state, metrics))
-            ours.append(_STEPS.value * tokens_per_step / (time.perf_counter() - t0))
-            step += _STEPS.value
+            ours.append(calls * k * tokens_per_step / (time.perf_counter() - t0))
+            step += calls * k
             if _PEER.value:
                 peer.append(run_peer(_PEER.value, cfg))
         run.state = state

@@ -32,7 +32,8 @@ def base_config() -> ml_collections.ConfigDict:
                    attention="xla", dtype="float32", param_dtype="float32")
     c.train = dict(steps=1000, batch_size=12, learning_rate=1e-3, min_learning_rate=1e-4,
                    warmup_steps=100, weight_decay=0.1, b1=0.9, b2=0.99, grad_clip=1.0,
-                   grad_accum_steps=1, ema_decay=0.0, log_every=50)
+                   grad_accum_steps=1, ema_decay=0.0, log_every=50,
+                   steps_per_call=1)
     c.eval = dict(every=250, steps=20, batch_size=0)  # batch_size 0: train.batch_size
     c.checkpoint = dict(every=500, keep=3, async_save=True)
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
@@ -51,6 +52,7 @@ _CHOICES = {
     "data.tokenizer": ("byte", "char"),
 }
 _POSITIVE = ("train.steps", "train.batch_size", "train.grad_accum_steps", "train.log_every",
+             "train.steps_per_call",
              "eval.every", "eval.steps", "checkpoint.every", "checkpoint.keep",
              "model.block_size", "model.num_layers", "model.num_heads", "model.embed_dim",
              "sample.num_samples", "sample.max_new_tokens")
@@ -92,6 +94,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if t.batch_size % t.grad_accum_steps:
         raise ConfigError(f"train.grad_accum_steps={t.grad_accum_steps} must divide "
                           f"train.batch_size={t.batch_size}")
+    for key in ("train.steps", "train.log_every", "eval.every", "checkpoint.every"):
+        if _get(config, key) % t.steps_per_call:
+            raise ConfigError(f"{key}={_get(config, key)} must be a multiple of "
+                              f"train.steps_per_call={t.steps_per_call}")
     if not 0.0 <= t.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay={t.ema_decay} must be in [0, 1) (0 = no EMA)")
     if t.learning_rate <= 0 or t.min_learning_rate < 0 or t.warmup_steps < 0:

@@ -93,3 +93,20 @@ def test_workdir_of_another_model_is_refused_untouched(trained, text_file):
     with pytest.raises(UserError, match="another model/data config .*embed_dim: 32 -> 64"):
         prepare(other, workdir)
     assert (workdir / "config.json").read_text() == before
+
+
+def test_several_steps_per_call_is_the_same_training(trained, text_file, tmp_path):
+    uninterrupted, _, workdir = trained
+    config = tiny_lm_config(**{"data.path": str(text_file), "train.steps_per_call": 5})
+    run = train(config, tmp_path, progress=False)
+    ours = {m["step"]: m for m in read_metrics(tmp_path)}
+    ref = {m["step"]: m for m in read_metrics(workdir)}
+    for step in (5, 10, 15, 20):
+        assert ours[step]["train/loss"] == pytest.approx(ref[step]["train/loss"], rel=1e-5)
+    for a, b in zip(jax.tree.leaves(run.state.params), jax.tree.leaves(uninterrupted.state.params),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    bad = tiny_lm_config(**{"data.path": str(text_file), "train.steps_per_call": 3})
+    with pytest.raises(UserError, match="train.steps=20 must be a multiple of "
+                                        "train.steps_per_call=3"):
+        prepare(bad, tmp_path / "bad")

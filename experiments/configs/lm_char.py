@@ -22,7 +22,7 @@ def get_config():
     config.model.update(block_size=64, num_layers=4, num_heads=4, embed_dim=128, dropout=0.0)
     config.train.update(steps=2000, batch_size=12, learning_rate=1e-3, min_learning_rate=1e-4,
                         warmup_steps=100, weight_decay=0.1, b1=0.9, b2=0.99, grad_clip=1.0,
-                        log_every=100)
+                        log_every=100, steps_per_call=10)
     config.eval.update(every=500, steps=200)
     config.checkpoint.every = 1000
     config.sample.update(prompt="\n", max_new_tokens=500, temperature=0.8)

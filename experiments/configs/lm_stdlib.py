@@ -18,7 +18,7 @@ def get_config():
     config.data.tokenizer = "byte"
     config.model.update(block_size=128, num_layers=4, num_heads=4, embed_dim=128)
     config.train.update(steps=1000, batch_size=16, learning_rate=2e-3, min_learning_rate=2e-4,
-                        warmup_steps=100, log_every=50)
+                        warmup_steps=100, log_every=50, steps_per_call=10)
     config.eval.update(every=500, steps=20)
     config.checkpoint.every = 500
     config.sample.update(prompt="def ", max_new_tokens=300, temperature=0.8)
