@@ -127,7 +127,7 @@ def main(argv):
         "step_ms": 1000 * tokens_per_step / tokens_per_s,
         "first_step_compile_s": compile_s,
         "model_flops_per_token": flops_per_token,
-        "mfu": flops_per_token * tokens_per_s / peak, "peak_flops": peak,
+        "mfu": flops_per_token * tokens_per_s / (peak * jax.device_count()), "peak_flops": peak,
         "peak_source": peak_source,
         "decode_tokens_per_s": len(prompts) * new_tokens / decode_s,
         "decode_batch": len(prompts),

@@ -98,6 +98,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if _get(config, key) % t.steps_per_call:
             raise ConfigError(f"{key}={_get(config, key)} must be a multiple of "
                               f"train.steps_per_call={t.steps_per_call}")
+    if config.eval.batch_size < 0:
+        raise ConfigError(f"eval.batch_size={config.eval.batch_size} must be >= 0 "
+                          "(0 = train.batch_size)")
     if not 0.0 <= t.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay={t.ema_decay} must be in [0, 1) (0 = no EMA)")
     if t.learning_rate <= 0 or t.min_learning_rate < 0 or t.warmup_steps < 0:

@@ -18,7 +18,7 @@ CHAR = "experiments/configs/lm_char.py"
 TINY = ["--config.model.num_layers=1", "--config.model.embed_dim=32", "--config.model.num_heads=2",
         "--config.model.block_size=16", "--config.train.batch_size=4",
         "--config.train.warmup_steps=2", "--config.train.log_every=5", "--config.eval.steps=2",
-        "--config.eval.every=10", "--config.checkpoint.every=10"]
+        "--config.eval.every=10", "--config.checkpoint.every=10", "--config.train.steps_per_call=1"]
 
 
 def cli(module: str, *args: str, env, timeout: int = 300) -> subprocess.CompletedProcess:

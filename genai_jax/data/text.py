@@ -48,7 +48,8 @@ def load_text(data_cfg, tokenizer: Tokenizer | None = None) -> TextData:
     if data_cfg.name == "text_file":
         n = int(len(streams["all"]) * (1 - data_cfg.validation_fraction))
         streams = {"train": streams["all"][:n], "validation": streams["all"][n:]}
-        val_bytes = len(tokenizer.decode(streams["validation"]).encode("utf-8"))
+        val_bytes = (len(streams["validation"]) if tokenizer.kind == "byte" else
+                     len(tokenizer.decode(streams["validation"]).encode("utf-8")))
     else:
         val_bytes = len(raw["validation"])
     for split, tokens in streams.items():

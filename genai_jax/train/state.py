@@ -48,8 +48,10 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, accum_
         if accum_steps == 1:
             (loss, metrics), grads = grad_fn(state.params, batch, rng)
         else:
-            micro = jax.tree.map(
-                lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch)
+            # Micro-batch i takes every accum_steps-th row, so each one stays spread over all
+            # the data-parallel devices the batch is sharded over.
+            micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum_steps, accum_steps,
+                                                     *x.shape[1:]).swapaxes(0, 1), batch)
 
             def accumulate(total, inputs):
                 i, mb = inputs

@@ -112,6 +112,11 @@ def prepare(config, workdir: str | pathlib.Path) -> Run:
         raise parallel.MeshError(
             f"train.batch_size={config.train.batch_size} (micro-batches of {micro}) does not "
             f"divide over the {dp} data-parallel devices (mesh data x fsdp)")
+    eval_batch = config.eval.batch_size or config.train.batch_size
+    if eval_batch % dp:
+        raise parallel.MeshError(f"the evaluation batch of {eval_batch} (eval.batch_size, or "
+                                 f"train.batch_size) does not divide over the {dp} "
+                                 "data-parallel devices")
     pipeline = data_lib.build(config, models.modality(config.model.family), workdir)
     family = models.build(config, pipeline.info)
     rng = jax.random.PRNGKey(config.seed)
@@ -125,6 +130,10 @@ def prepare(config, workdir: str | pathlib.Path) -> Run:
     if latest is not None:
         run.state, meta = checkpointer.restore(latest, abstract_with_shardings(abstract, shardings))
         run.start_step = int(meta["data_step"])
+        if run.start_step % config.train.steps_per_call:
+            raise UserError(f"the checkpoint at step {run.start_step} is not a multiple of "
+                            f"train.steps_per_call={config.train.steps_per_call}: resume with "
+                            "a steps_per_call that divides it")
     else:
         run.state = jax.jit(family.init, out_shardings=shardings)(rng)
     if jax.process_index() == 0:
@@ -226,8 +235,9 @@ def train(config, workdir: str | pathlib.Path, *, progress: bool = True,
 
 def _check_finite(fetched: list[tuple[int, dict]], good_step: int | None, workdir) -> None:
     for step, metrics in fetched:
+        # A finite loss with non-finite gradients still leaves NaN parameters behind.
         loss = float(metrics["loss"])
-        if not math.isfinite(loss):
+        if not (math.isfinite(loss) and math.isfinite(float(metrics["grad_norm"]))):
             kept = ("no checkpoint was written yet" if good_step is None else
                     f"the last good checkpoint (step {good_step}) in {workdir} is intact")
             raise TrainingDiverged(
