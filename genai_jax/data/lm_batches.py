@@ -9,6 +9,7 @@ import dataclasses
 import numpy as np
 
 from genai_jax.data.tokenizers import DataError
+from genai_jax.parallel.sharding import process_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,9 +32,7 @@ class LMBatches:
 
     def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> dict:
         """Rows of the global batch for `step` that belong to `process_index`."""
-        offsets = self.offsets(step)
-        rows = self.batch_size // process_count
-        offsets = offsets[process_index * rows:(process_index + 1) * rows]
+        offsets = process_rows(self.offsets(step), process_index, process_count)
         return windows(self.tokens, offsets, self.block_size)
 
 

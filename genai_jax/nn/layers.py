@@ -30,8 +30,8 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
 
     Autodiff computes `dW = X^T dY`, for which XLA:CPU transposes dY and fuses the whole
     elementwise backward chain into that strided copy (the largest cost of a small GPT step on
-    CPU). Computing `dW^T = dY^T X` and transposing the small result instead is the same math
-    and about 1.4x faster per training step there; on GPU/TPU it is neutral.
+    CPU). Computing `dW^T = dY^T X` and transposing the small result instead is the same math;
+    a stand-alone study of the lm_char GPT on 2 CPU cores measured 67 -> 49 ms per step.
     """
     return x @ w
 

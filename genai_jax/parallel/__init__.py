@@ -6,10 +6,11 @@ from genai_jax.parallel.sharding import (
     batch_sharding,
     global_batch,
     logical_axes,
+    process_rows,
     spec_for,
     state_shardings,
 )
 
 __all__ = ["AXES", "DEFAULT_RULES", "MeshError", "batch_sharding", "data_parallel_size",
-           "global_batch", "logical_axes", "make_mesh", "mesh_shape", "spec_for",
+           "global_batch", "logical_axes", "make_mesh", "mesh_shape", "process_rows", "spec_for",
            "state_shardings"]

@@ -78,6 +78,14 @@ def batch_sharding(mesh: jax.sharding.Mesh, rules=DEFAULT_RULES) -> NamedShardin
     return NamedSharding(mesh, PartitionSpec(axes))
 
 
+def process_rows(rows, process_index: int | None = None, process_count: int | None = None):
+    """This process's contiguous share of the leading axis of `rows` (global batch order)."""
+    i = jax.process_index() if process_index is None else process_index
+    n = jax.process_count() if process_count is None else process_count
+    size = len(rows) // n
+    return rows[i * size:(i + 1) * size]
+
+
 def global_batch(local: dict, sharding: NamedSharding) -> dict:
     """Assemble a global jax.Array batch from this process's rows (multi-host safe)."""
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local)

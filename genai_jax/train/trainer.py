@@ -54,23 +54,27 @@ class Run:
     def steps_per_call(self) -> int:
         return self.config.train.steps_per_call
 
+    @property
+    def stacked_batch_sharding(self) -> NamedSharding:
+        """Sharding of `[steps_per_call, batch, ...]`: the batch axis as `batch_sharding`."""
+        return NamedSharding(self.mesh, PartitionSpec(None, *self.batch_sharding.spec))
+
     def global_batches(self, step: int) -> dict:
         """The batches of the `steps_per_call` steps from `step`, stacked: `[k, batch, ...]`."""
         rows = [self.pipeline.train.batch(s, jax.process_index(), jax.process_count())
                 for s in range(step, step + self.steps_per_call)]
         stacked = jax.tree.map(lambda *xs: np.stack(xs), *rows)
-        sharding = NamedSharding(self.mesh, PartitionSpec(None, *self.batch_sharding.spec))
-        return parallel.global_batch(stacked, sharding)
+        return parallel.global_batch(stacked, self.stacked_batch_sharding)
 
     def jit_train_step(self):
         """`(state, stacked batches) -> (state, metrics [k])`: `steps_per_call` optimizer steps
         in one compiled `lax.scan`, which saves the per-call dispatch and lets XLA schedule
-        across steps (about 1.3x for the small CPU GPT)."""
+        across steps (1.27x for lm_char on 2 CPU cores at 10 steps per call)."""
         replicated = NamedSharding(self.mesh, PartitionSpec())
-        stacked = NamedSharding(self.mesh, PartitionSpec(None, *self.batch_sharding.spec))
         return jax.jit(lambda state, batches: jax.lax.scan(self.family.train_step, state,
                                                            batches),
-                       donate_argnums=0, in_shardings=(self.state_shardings, stacked),
+                       donate_argnums=0,
+                       in_shardings=(self.state_shardings, self.stacked_batch_sharding),
                        out_shardings=(self.state_shardings, replicated))
 
     def jit_eval_step(self):
@@ -79,16 +83,12 @@ class Run:
 
     def evaluate(self, eval_step=None) -> dict[str, float]:
         eval_step = eval_step or self.jit_eval_step()
-        outs = [eval_step(self.state, parallel.global_batch(_process_rows(b), self.batch_sharding))
+        rows = parallel.process_rows
+        outs = [eval_step(self.state, parallel.global_batch(jax.tree.map(rows, b),
+                                                            self.batch_sharding))
                 for b in self.pipeline.eval]
         means = {k: float(np.mean([o[k] for o in jax.device_get(outs)])) for k in outs[0]}
         return self.family.summarize_eval(means)
-
-
-def _process_rows(batch: dict) -> dict:
-    """This process's share of the rows of a global batch."""
-    i, n = jax.process_index(), jax.process_count()
-    return jax.tree.map(lambda x: x[i * (len(x) // n):(i + 1) * (len(x) // n)], batch)
 
 
 def prepare(config, workdir: str | pathlib.Path) -> Run:
