@@ -29,7 +29,11 @@ class Family:
     save_samples: `(outputs, directory, step) -> str` writes them under `workdir/samples/` and
       returns a short human-readable summary (printed at the end of training).
     summarize_eval: `mean eval metrics -> reported metrics` (e.g. loss -> perplexity).
-    tokens_per_example: how many tokens (or pixels) one batch row counts for throughput.
+    sample_eval: optional `(state, rng, directory, step) -> metrics` run at every evaluation
+      after the eval batches: metrics of generated samples (e.g. the classifier Fréchet
+      distance), writing what it generated under `directory` (e.g. PNG grids).
+    tokens_per_example: how many `throughput_unit`s one batch row counts for (tokens per
+      window for the LM, 1 for images), for `train/{throughput_unit}_per_s`.
     """
 
     init: Callable[[jax.Array], State]
@@ -38,4 +42,6 @@ class Family:
     sample: Callable[..., Any]
     save_samples: Callable[[Any, str, int], str]
     summarize_eval: Callable[[dict[str, float]], dict[str, float]] = lambda m: m
+    sample_eval: Callable[[State, jax.Array, str, int], dict[str, float]] | None = None
     tokens_per_example: int = 1
+    throughput_unit: str = "tokens"

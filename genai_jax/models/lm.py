@@ -10,12 +10,57 @@ import jax
 import optax
 from flax import nnx
 
+from genai_jax import config as config_lib
+from genai_jax.config import ConfigError
 from genai_jax.evaluation.lm import lm_metrics
 from genai_jax.models.family import Family
+from genai_jax.nn import IMPLEMENTATIONS
 from genai_jax.models.transformer import Transformer, TransformerConfig, init_cache
 from genai_jax.sampling.decode import generate
 from genai_jax.train.optim import learning_rate_schedule, make_optimizer
 from genai_jax.train.state import TrainState, make_train_step
+
+
+def config_defaults() -> dict:
+    return {
+        "model": dict(block_size=64, num_layers=4, num_heads=4, num_kv_heads=0, embed_dim=128,
+                      mlp_ratio=4.0, mlp="gelu", norm="layernorm", position="learned",
+                      use_bias=True, tie_embeddings=True, dropout=0.0, attention="xla",
+                      dtype="float32", param_dtype="float32"),
+        "sample": dict(prompt="", num_samples=1, max_new_tokens=200, temperature=0.8, top_k=0,
+                       top_p=1.0),
+    }
+
+
+def validate(config) -> None:
+    m = config.model
+    config_lib.check_choices(config, {
+        "model.mlp": ("gelu", "swiglu"),
+        "model.norm": ("layernorm", "rmsnorm"),
+        "model.position": ("learned", "rotary"),
+        "model.attention": IMPLEMENTATIONS,
+        "model.dtype": ("float32", "bfloat16", "float16"),
+        "model.param_dtype": ("float32", "bfloat16"),
+        "data.tokenizer": ("byte", "char"),
+    })
+    config_lib.check_positive(config, ("model.block_size", "model.num_layers", "model.num_heads",
+                                       "model.embed_dim", "sample.max_new_tokens"))
+    if m.embed_dim % m.num_heads:
+        raise ConfigError(f"model.num_heads={m.num_heads} must divide "
+                          f"model.embed_dim={m.embed_dim}")
+    kv = m.num_kv_heads or m.num_heads
+    if m.num_kv_heads < 0 or m.num_heads % kv:
+        raise ConfigError(f"model.num_kv_heads={m.num_kv_heads} must divide "
+                          f"model.num_heads={m.num_heads} (0 = same as num_heads)")
+    if m.position == "rotary" and (m.embed_dim // m.num_heads) % 2:
+        raise ConfigError("rotary positions need an even head dimension "
+                          "(model.embed_dim / model.num_heads)")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
+    if config.sample.temperature < 0 or not 0.0 < config.sample.top_p <= 1.0:
+        raise ConfigError("sample.temperature must be >= 0 and sample.top_p in (0, 1]")
+    if config.data.name == "text_file" and not config.data.path:
+        raise ConfigError("data.name='text_file' needs data.path: pass --config.data.path=FILE")
 
 
 def model_config(config, vocab_size: int) -> TransformerConfig:

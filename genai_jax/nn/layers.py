@@ -158,3 +158,54 @@ def rotary(x: jax.Array, positions: jax.Array, base: float = 10_000.0) -> jax.Ar
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
+
+
+class Conv(nnx.Module):
+    """2-D convolution on NHWC images, kernel `[kh, kw, in, out]` named
+    `(None, None, "conv_in", "conv_out")`; `transpose=True` is the transposed convolution
+    (fractionally strided, `stride` times larger output with "SAME" padding)."""
+
+    def __init__(self, in_features: int, out_features: int, kernel_size: int = 3, *,
+                 stride: int = 1, padding: str = "SAME", transpose: bool = False,
+                 use_bias: bool = True, init: Initializer | None = None, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.stride, self.padding, self.transpose, self.dtype = stride, padding, transpose, dtype
+        init = init or nnx.initializers.lecun_normal()
+        self.kernel = param(rngs, init, (kernel_size, kernel_size, in_features, out_features),
+                            (None, None, "conv_in", "conv_out"), param_dtype)
+        self.bias = (param(rngs, nnx.initializers.zeros, (out_features,), ("conv_out",),
+                           param_dtype) if use_bias else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x, kernel = x.astype(self.dtype), self.kernel[...].astype(self.dtype)
+        dims = ("NHWC", "HWIO", "NHWC")
+        if self.transpose:
+            y = jax.lax.conv_transpose(x, kernel, (self.stride,) * 2, self.padding,
+                                       dimension_numbers=dims)
+        else:
+            y = jax.lax.conv_general_dilated(x, kernel, (self.stride,) * 2, self.padding,
+                                             dimension_numbers=dims)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class GroupNorm(nnx.Module):
+    """GroupNorm over the last (channel) axis of NHWC activations, statistics in float32
+    (`groups=1` normalises over H, W and C together). Parameters named `("conv_out",)`."""
+
+    def __init__(self, channels: int, groups: int = 32, *, eps: float = 1e-5,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        if channels % groups:
+            raise ValueError(f"GroupNorm: groups={groups} must divide channels={channels}")
+        self.groups, self.eps, self.dtype = groups, eps, dtype
+        self.scale = param(rngs, nnx.initializers.ones, (channels,), ("conv_out",), param_dtype)
+        self.bias = param(rngs, nnx.initializers.zeros, (channels,), ("conv_out",), param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        *lead, c = x.shape
+        g = x.astype(jnp.float32).reshape(lead[0], -1, self.groups, c // self.groups)
+        mean = g.mean(axis=(1, 3), keepdims=True)
+        var = jnp.square(g - mean).mean(axis=(1, 3), keepdims=True)
+        y = ((g - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
+        return (y * self.scale[...] + self.bias[...]).astype(self.dtype)

@@ -1,0 +1,155 @@
+"""What the image families (VAE, GAN, diffusion) share: pixel scaling, pictures, and the
+`Family` glue around a family's `generate` function.
+
+Data contract (`genai_jax.data.images`): a batch is `{"x": ..., "label": int32 [batch]}` where
+`x` is `uint8 [batch, height, width, channels]` for images and `float32 [batch, dim]` for the
+2-D toy distributions; `data_info` has `kind` ("image" | "points"), `shape` (of one example),
+`num_classes` (0 when the data has no labels) and `data` (the `ImageData`, for evaluation).
+
+Pixel scaling: every family sees images in [-1, 1] (`to_model`, `x / 127.5 - 1`) and hands
+generated images back in [-1, 1] (`to_uint8` inverts it); the VAE's Bernoulli likelihood
+binarises the [0, 1] pixels instead (`binarize`). Toy points pass through unscaled.
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from genai_jax.config import ConfigError
+from genai_jax.models.family import Family
+
+# (state, rng, labels int32 [n]) -> generated x in model range: [n, H, W, C] or [n, dim]
+Generate = Callable[[object, jax.Array, jax.Array], jax.Array]
+# (state, rng, directory, step) -> {name: path} of extra pictures it wrote
+Extras = Callable[[object, jax.Array, pathlib.Path, int], dict[str, str]]
+
+
+def to_model(x: jax.Array) -> jax.Array:
+    """Batch `x` as float32 in the model's range: uint8 pixels to [-1, 1]; points unchanged."""
+    if x.dtype == jnp.uint8:
+        return x.astype(jnp.float32) / 127.5 - 1.0
+    return x.astype(jnp.float32)
+
+
+def to_uint8(x) -> np.ndarray:
+    """Images in [-1, 1] back to uint8 pixels."""
+    return np.asarray(np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255),
+                      np.uint8)
+
+
+def binarize(x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    """uint8 pixels as {0, 1} float32: sampled with probability pixel/255 when `rng` is given
+    (dynamic binarisation, for training), else thresholded at 1/2 (fixed, for evaluation)."""
+    p = x.astype(jnp.float32) / 255.0
+    if rng is None:
+        return (p > 0.5).astype(jnp.float32)
+    return jax.random.bernoulli(rng, p).astype(jnp.float32)
+
+
+def check_conditional(config, data_info: dict) -> None:
+    """A conditional model needs labelled data."""
+    if config.model.conditional and not data_info["num_classes"]:
+        raise ConfigError(f"model.conditional=True needs class labels, and data.name="
+                          f"{config.data.name!r} has none: set --config.model.conditional=False "
+                          "or use labelled data")
+
+
+def grid(images: np.ndarray, nrow: int, pad: int = 1) -> np.ndarray:
+    """uint8 `[n, H, W, C]` tiled into one `[rows*(H+pad)+pad, nrow*(W+pad)+pad, C]` picture,
+    row-major, on a white background; small images are enlarged (nearest) to be visible."""
+    n, h, w, c = images.shape
+    zoom = max(1, 32 // max(h, w))
+    if zoom > 1:
+        images = images.repeat(zoom, axis=1).repeat(zoom, axis=2)
+        h, w = h * zoom, w * zoom
+    rows = -(-n // nrow)
+    out = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, np.uint8)
+    for i, img in enumerate(images):
+        r, q = divmod(i, nrow)
+        out[pad + r * (h + pad):pad + r * (h + pad) + h,
+            pad + q * (w + pad):pad + q * (w + pad) + w] = img
+    return out
+
+
+def save_png(picture: np.ndarray, path: str | pathlib.Path) -> str:
+    """Write a uint8 `[H, W, C]` (C = 1 or 3) picture as PNG; returns the path."""
+    from PIL import Image
+
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(picture[..., 0] if picture.shape[-1] == 1 else picture).save(path)
+    return str(path)
+
+
+def scatter(points: np.ndarray, size: int = 256, extent: float | None = None) -> np.ndarray:
+    """2-D points drawn as a uint8 `[size, size, 1]` density picture (dark = many points)."""
+    points = np.asarray(points, np.float32)[:, :2]
+    extent = extent or float(np.percentile(np.abs(points), 99.5)) * 1.1 + 1e-6
+    counts, _, _ = np.histogram2d(points[:, 1], points[:, 0], bins=size,
+                                  range=[[-extent, extent], [-extent, extent]])
+    density = np.log1p(counts[::-1]) / max(np.log1p(counts.max()), 1e-6)
+    return (255 * (1.0 - density))[..., None].astype(np.uint8)
+
+
+def picture(x: np.ndarray, kind: str, nrow: int) -> np.ndarray:
+    """Generated `x` (model range) as one picture: an image grid, or a scatter of points."""
+    return grid(to_uint8(x), nrow) if kind == "image" else scatter(x)
+
+
+def default_labels(n: int, num_classes: int) -> np.ndarray:
+    """Class `i % num_classes` for sample i (each grid column one class), zeros without labels."""
+    return (np.arange(n) % num_classes if num_classes else np.zeros(n)).astype(np.int32)
+
+
+def make_family(config, data_info: dict, *, init, train_step, eval_step, generate: Generate,
+                summarize_eval=None, extras: Extras | None = None) -> Family:
+    """The `Family` of an image model from its pure parts.
+
+    `generate(state, rng, labels)` makes `len(labels)` samples in model range (jit-compiled here,
+    once per sample count). Sampling, the PNG files and the sample-based evaluation metrics
+    (`genai_jax.evaluation.images`) are the same for every image family and live here.
+    `extras` writes family-specific pictures at every evaluation and by `experiments.sample`.
+    """
+    kind, num_classes = data_info["kind"], data_info["num_classes"]
+    generate_jit = jax.jit(generate)
+    nrow = num_classes or 10
+
+    def sample(state, rng: jax.Array, num_samples: int | None = None,
+               labels=None, **_) -> dict:
+        n = num_samples or config.sample.num_samples
+        labels = default_labels(n, num_classes) if labels is None else np.asarray(labels,
+                                                                                  np.int32)
+        return {"x": np.asarray(generate_jit(state, rng, jnp.asarray(labels))),
+                "label": labels, "state": state, "rng": rng}
+
+    def save_samples(outputs: dict, directory: str, step: int) -> str:
+        directory = pathlib.Path(directory)
+        paths = {"samples": save_png(picture(outputs["x"], kind, nrow),
+                                     directory / f"step_{step:08d}.png")}
+        if extras is not None:
+            paths.update(extras(outputs["state"], outputs["rng"], directory, step))
+        return "\n".join(f"{name}: {path}" for name, path in paths.items())
+
+    evaluator = functools.cache(lambda: _evaluator(config, data_info))
+
+    def sample_eval(state, rng: jax.Array, directory: str, step: int) -> dict[str, float]:
+        outputs = sample(state, rng, num_samples=config.eval.num_samples)
+        save_samples({**outputs, "x": outputs["x"][:config.sample.num_samples]}, directory,
+                     step)
+        return evaluator()(outputs["x"], outputs["label"] if config.model.conditional else None)
+
+    return Family(init=init, train_step=train_step, eval_step=eval_step, sample=sample,
+                  save_samples=save_samples, summarize_eval=summarize_eval or (lambda m: m),
+                  sample_eval=sample_eval, tokens_per_example=1, throughput_unit="examples")
+
+
+def _evaluator(config, data_info):
+    from genai_jax.evaluation.images import SampleEvaluator
+
+    return SampleEvaluator(data_info, seed=config.seed)
