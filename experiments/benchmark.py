@@ -1,12 +1,16 @@
-"""Measure an experiment's training and decoding speed; the last line printed is one JSON object.
+"""Measure an experiment's training and sampling speed; the last line printed is one JSON object.
 
     python -m experiments.benchmark --config=experiments/configs/lm_char.py \\
         --config.data.path=../shared/data/tinyshakespeare.txt
+    python -m experiments.benchmark --config=experiments/configs/diffusion_digits.py
 
-Figures: training tokens/s and step time (median of `--rounds` timed rounds of `--steps` steps,
-in calls of `train.steps_per_call`, after the first compiled call), first-step compile time,
-model FLOPs per token (6N + 12·L·T·D, N = parameters without the position table), MFU against
-the device's peak, decode tokens/s with the KV cache, and peak memory where the platform reports it.
+Figures: training throughput (tokens/s for the LM, examples/s for image families) and step time
+(median of `--rounds` timed rounds of `--steps` steps, in calls of `train.steps_per_call`, after
+the first compiled call), first-step compile time, model FLOPs (LM: 6N + 12·L·T·D per token,
+N = parameters without the position table; image families: XLA's cost analysis of the compiled
+step, per example), MFU against the device's peak, sampling speed (LM: decode tokens/s with the
+KV cache; images: seconds for `sample.num_samples` images), and peak memory where the platform
+reports it.
 
 The peak is *measured* (`peak_source`): the best time of a square matrix product in the model's
 compute dtype (4096 on GPU/TPU, 1024 on CPU), so MFU reads as "fraction of what this device's
@@ -33,6 +37,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments.common import config_from_flag, parse_flags, user_errors_as_one_line
+from genai_jax import models
 from genai_jax.train import prepare
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file",
@@ -108,32 +113,43 @@ def main(argv):
                 peer.append(run_peer(_PEER.value, cfg))
         run.state = state
 
-        new_tokens = _DECODE.value or cfg.model.block_size - 1
-        prompts = [""] * cfg.sample.num_samples
-        sample = lambda: run.family.sample(state, jax.random.PRNGKey(0), prompts=prompts,
-                                           max_new_tokens=new_tokens, temperature=1.0)
+        is_lm = models.modality(cfg.model.family) == "text"
+        if is_lm:
+            new_tokens = _DECODE.value or cfg.model.block_size - 1
+            prompts = [""] * cfg.sample.num_samples
+            sample = lambda: run.family.sample(state, jax.random.PRNGKey(0), prompts=prompts,
+                                               max_new_tokens=new_tokens, temperature=1.0)
+        else:
+            sample = lambda: run.family.sample(state, jax.random.PRNGKey(0))
         sample()  # compile
-        decode_s = _timed(sample)
+        sample_s = _timed(sample)
 
-    tokens_per_s = statistics.median(ours)
-    peak, peak_source = measured_peak_flops(jnp.dtype(cfg.model.dtype))
-    flops_per_token = model_flops_per_token(state.params, cfg)
+    per_s = statistics.median(ours)
+    unit = run.family.throughput_unit
+    peak, peak_source = measured_peak_flops(jnp.dtype(cfg.model.get("dtype", "float32")))
+    if is_lm:
+        flops = model_flops_per_token(state.params, cfg)
+    else:  # XLA's count for the whole compiled call: k steps of batch_size examples
+        flops = step_fn.cost_analysis()["flops"] / (k * tokens_per_step)
     stats = jax.devices()[0].memory_stats() or {}
     result = {
         "config": config_flags.get_config_filename(flags.FLAGS["config"]),
         "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
         "jax": jax.__version__, "num_devices": jax.device_count(),
-        "train_tokens_per_s": tokens_per_s, "train_tokens_per_s_rounds": ours,
-        "step_ms": 1000 * tokens_per_step / tokens_per_s,
+        f"train_{unit}_per_s": per_s, f"train_{unit}_per_s_rounds": ours,
+        "step_ms": 1000 * tokens_per_step / per_s,
         "first_step_compile_s": compile_s,
-        "model_flops_per_token": flops_per_token,
-        "mfu": flops_per_token * tokens_per_s / (peak * jax.device_count()), "peak_flops": peak,
+        f"model_flops_per_{unit[:-1]}": flops,
+        "mfu": flops * per_s / (peak * jax.device_count()), "peak_flops": peak,
         "peak_source": peak_source,
-        "decode_tokens_per_s": len(prompts) * new_tokens / decode_s,
-        "decode_batch": len(prompts),
         "device_peak_bytes": stats.get("peak_bytes_in_use"),
         "host_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+    if is_lm:
+        result.update(decode_tokens_per_s=len(prompts) * new_tokens / sample_s,
+                      decode_batch=len(prompts))
+    else:
+        result.update(sample_s=sample_s, sample_count=cfg.sample.num_samples)
     if peer:
         result.update(peer_tokens_per_s=statistics.median(peer), peer_tokens_per_s_rounds=peer,
                       speedup_vs_peer=statistics.median(np.array(ours) / np.array(peer)))

@@ -1,7 +1,10 @@
-"""Sample from a trained run: `python -m experiments.sample --workdir=DIR --prompt=... ...`.
+"""Sample from a trained run: `python -m experiments.sample --workdir=DIR [flags]`.
 
-Reads the config and tokenizer saved in DIR and its latest checkpoint. Several `--prompt`
-flags decode together as one batch (KV cache, compiled once).
+Reads the config (and tokenizer) saved in DIR and its latest checkpoint, and writes the samples
+under DIR/samples. Language models: several `--prompt` flags decode together as one batch (KV
+cache, compiled once). Image families: `--num_samples` images (classes cycling 0, 1, ... for a
+conditional model, or the `--label`s given) as a PNG grid, plus the family's own pictures (VAE
+reconstructions and interpolations, the diffusion trajectory strip).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ _NEW = flags.DEFINE_integer("max_new_tokens", None, "tokens to generate per prom
 _TEMPERATURE = flags.DEFINE_float("temperature", None, "0 = greedy")
 _TOP_K = flags.DEFINE_integer("top_k", None, "keep the k most likely tokens (0 = all)")
 _TOP_P = flags.DEFINE_float("top_p", None, "nucleus sampling mass (1 = off)")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "images to generate (image families)")
+_LABEL = flags.DEFINE_multi_integer("label", None, "class of each image (conditional models)")
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 flags.mark_flags_as_required(["workdir"])
 
@@ -29,9 +34,11 @@ def main(argv):
     run = prepare(load_workdir_config(_WORKDIR.value), _WORKDIR.value)
     if run.start_step == 0:
         logging.warning("%s has no checkpoint: sampling from an untrained model", _WORKDIR.value)
-    outputs = run.family.sample(run.state, jax.random.PRNGKey(_SEED.value), prompts=_PROMPT.value,
-                                max_new_tokens=_NEW.value, temperature=_TEMPERATURE.value,
-                                top_k=_TOP_K.value, top_p=_TOP_P.value)
+    options = {"prompts": _PROMPT.value, "max_new_tokens": _NEW.value,
+               "temperature": _TEMPERATURE.value, "top_k": _TOP_K.value, "top_p": _TOP_P.value,
+               "num_samples": _NUM_SAMPLES.value, "labels": _LABEL.value}
+    outputs = run.family.sample(run.state, jax.random.PRNGKey(_SEED.value),
+                                **{k: v for k, v in options.items() if v is not None})
     print(run.family.save_samples(outputs, str(run.workdir / "samples"), run.start_step))
 
 

@@ -51,3 +51,21 @@ def env():
     e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
     e["JAX_PLATFORMS"] = "cpu"
     return e
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _classifier_cache(tmp_path_factory):
+    """Evaluation classifiers train once per test session, in a cache of its own."""
+    os.environ["GENAI_JAX_CACHE"] = str(tmp_path_factory.mktemp("genai_jax_cache"))
+
+
+def image_data_config(name: str = "digits", **overrides):
+    """The `data` section of an image config (a ConfigDict) with `overrides`."""
+    import ml_collections
+
+    from genai_jax.data import defaults
+
+    c = ml_collections.ConfigDict(defaults("image"))
+    c.name = name
+    c.update(overrides)
+    return c

@@ -5,5 +5,18 @@ from genai_jax.data.pipeline import Pipeline, build
 from genai_jax.data.text import TextData, load_text
 from genai_jax.data.tokenizers import DataError, Tokenizer
 
-__all__ = ["DataError", "LMBatches", "Pipeline", "TextData", "Tokenizer", "build", "eval_batches",
-           "load_text", "sequential_batches"]
+
+def defaults(modality: str) -> dict:
+    """The `data.*` config keys of a data modality ("text" or "image")."""
+    common = dict(path="", data_dir="", validation_fraction=0.1)
+    if modality == "text":
+        return dict(name="stdlib_code", tokenizer="byte", train_split="train",
+                    eval_split="validation", text_key="text", **common)
+    # name: "digits" (embedded), "mnist_idx" / "image_folder" (data.path), a toy
+    # ("ring8", "moons", "swiss_roll"), or a TFDS catalog name ("mnist", "cifar10", ...).
+    return dict(name="digits", train_split="train", eval_split="test", image_key="image",
+                label_key="label", num_points=20_000, **common)
+
+
+__all__ = ["DataError", "LMBatches", "Pipeline", "TextData", "Tokenizer", "build", "defaults",
+           "eval_batches", "load_text", "sequential_batches"]

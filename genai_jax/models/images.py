@@ -122,9 +122,9 @@ def make_family(config, data_info: dict, *, init, train_step, eval_step, generat
 
     def sample(state, rng: jax.Array, num_samples: int | None = None,
                labels=None, **_) -> dict:
-        n = num_samples or config.sample.num_samples
-        labels = default_labels(n, num_classes) if labels is None else np.asarray(labels,
-                                                                                  np.int32)
+        if labels is None:
+            labels = default_labels(num_samples or config.sample.num_samples, num_classes)
+        labels = np.asarray(labels, np.int32)
         return {"x": np.asarray(generate_jit(state, rng, jnp.asarray(labels))),
                 "label": labels, "state": state, "rng": rng}
 

@@ -14,8 +14,8 @@ from genai_jax import config as config_lib
 from genai_jax.config import ConfigError
 from genai_jax.evaluation.lm import lm_metrics
 from genai_jax.models.family import Family
-from genai_jax.nn import IMPLEMENTATIONS
 from genai_jax.models.transformer import Transformer, TransformerConfig, init_cache
+from genai_jax.nn import IMPLEMENTATIONS
 from genai_jax.sampling.decode import generate
 from genai_jax.train.optim import learning_rate_schedule, make_optimizer
 from genai_jax.train.state import TrainState, make_train_step
@@ -103,9 +103,11 @@ def build(config, data_info: dict) -> Family:
 
     def sample(state: TrainState, rng: jax.Array, prompts: list[str] | None = None,
                max_new_tokens: int | None = None, temperature: float | None = None,
-               top_k: int | None = None, top_p: float | None = None) -> list[str]:
+               top_k: int | None = None, top_p: float | None = None,
+               num_samples: int | None = None) -> list[str]:
         s = config.sample
-        prompts = prompts if prompts is not None else [s.prompt] * s.num_samples
+        prompts = prompts if prompts is not None else [s.prompt] * (num_samples or
+                                                                    s.num_samples)
         params = state.ema if state.ema is not None else state.params
         # An empty prompt starts from the start token, like the beginning of a document.
         encoded = [tokenizer.encode(p, "the prompt") if p else [tokenizer.start_token]

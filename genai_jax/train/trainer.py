@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import pathlib
 import signal
 import time
@@ -81,14 +80,22 @@ class Run:
         return jax.jit(self.family.eval_step,
                        in_shardings=(self.state_shardings, self.batch_sharding))
 
-    def evaluate(self, eval_step=None) -> dict[str, float]:
+    def evaluate(self, eval_step=None, step: int | None = None) -> dict[str, float]:
+        """Mean metrics over the evaluation batches, then the family's sample-based metrics
+        (which also write samples for `step`, default the run's current step)."""
         eval_step = eval_step or self.jit_eval_step()
         rows = parallel.process_rows
         outs = [eval_step(self.state, parallel.global_batch(jax.tree.map(rows, b),
                                                             self.batch_sharding))
                 for b in self.pipeline.eval]
         means = {k: float(np.mean([o[k] for o in jax.device_get(outs)])) for k in outs[0]}
-        return self.family.summarize_eval(means)
+        metrics = self.family.summarize_eval(means)
+        if self.family.sample_eval is not None:
+            step = self.start_step if step is None else step
+            rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed + 2), step)
+            metrics.update(self.family.sample_eval(self.state, rng,
+                                                   str(self.workdir / "samples"), step))
+        return metrics
 
 
 def prepare(config, workdir: str | pathlib.Path) -> Run:
@@ -174,6 +181,7 @@ def train(config, workdir: str | pathlib.Path, *, progress: bool = True,
     writer = MetricWriter(run.workdir)
     is_main = jax.process_index() == 0
     tokens_per_step = cfg.train.batch_size * run.family.tokens_per_example
+    throughput = f"train/{run.family.throughput_unit}_per_s"
 
     step = run.start_step
     if step >= steps:
@@ -209,16 +217,17 @@ def train(config, workdir: str | pathlib.Path, *, progress: bool = True,
                     now = time.perf_counter()
                     record = {f"train/{k}": float(np.mean([m[k] for _, m in fetched]))
                               for k in fetched[-1][1]}
-                    record["train/tokens_per_s"] = (
+                    record[throughput] = (
                         tokens_per_step * (step - last_log_step) / (now - last_log_time))
                     if last_log_step == run.start_step:
                         record["train/compile_s"] = compile_s
                     last_log_time, last_log_step = now, step
                     if do_eval:
-                        record.update({f"eval/{k}": v for k, v in run.evaluate(eval_step).items()})
+                        record.update({f"eval/{k}": v
+                                       for k, v in run.evaluate(eval_step, step).items()})
                     writer.write(step, record)
                     bar.set_postfix(loss=f"{record['train/loss']:.4f}",
-                                    tok_s=f"{record['train/tokens_per_s']:.0f}", refresh=False)
+                                    per_s=f"{record[throughput]:.0f}", refresh=False)
                 bar.update(k)
                 if do_ckpt:
                     run.checkpointer.save(step, run.state, {"data_step": step})
@@ -235,11 +244,13 @@ def train(config, workdir: str | pathlib.Path, *, progress: bool = True,
 
 def _check_finite(fetched: list[tuple[int, dict]], good_step: int | None, workdir) -> None:
     for step, metrics in fetched:
-        # A finite loss with non-finite gradients still leaves NaN parameters behind.
-        loss = float(metrics["loss"])
-        if not (math.isfinite(loss) and math.isfinite(float(metrics["grad_norm"]))):
+        # A finite loss with non-finite gradients still leaves NaN parameters behind: every
+        # metric (gradient norms included) must be finite.
+        bad = sorted((k for k, v in metrics.items() if not np.all(np.isfinite(v))),
+                     key=lambda k: (k != "loss", k))
+        if bad:
             kept = ("no checkpoint was written yet" if good_step is None else
                     f"the last good checkpoint (step {good_step}) in {workdir} is intact")
             raise TrainingDiverged(
-                f"the training loss is {loss} at step {step}; stopped, and {kept}: lower "
-                "train.learning_rate or set train.grad_clip, then rerun")
+                f"the training {bad[0]} is {float(metrics[bad[0]])} at step {step}; stopped, and "
+                f"{kept}: lower train.learning_rate or set train.grad_clip, then rerun")

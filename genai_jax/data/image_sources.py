@@ -1,0 +1,221 @@
+"""Where image data comes from: each source is read by index into `{"x", "label"}` arrays.
+
+`config.data.name`:
+  - "digits": the embedded default, scikit-learn's bundled 8x8 digits (1,797 images, 10
+    classes), built once into a TFDS data dir by `Digits` and read back as an array_record data
+    source; every 10th image is the test split. Pixels 0..16 are rescaled to 0..255.
+  - "mnist_idx": MNIST-format IDX files in the folder `data.path` (`*-images-idx3-ubyte[.gz]`
+    with `*-labels-idx1-ubyte[.gz]`). With `train-*` and `t10k-*` files those are the splits;
+    with one pair, its first `1 - validation_fraction` images train and the rest are held out
+    (MNIST's 10k test file: 9,000 / 1,000).
+  - "image_folder": PNG/JPEG files under `data.path`, all of one size; images in class
+    subfolders are labelled by the sorted subfolder names. An image is held out when a hash of
+    its relative path falls in the last `validation_fraction` of the buckets.
+  - "ring8", "moons", "swiss_roll": generated 2-D toy distributions (`genai_jax.data.toys`).
+  - any other name: a TFDS catalog image data set (mnist, fashion_mnist, cifar10, celeb_a, ...)
+    read with `tfds.data_source`, features `data.image_key` and `data.label_key`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import os
+import pathlib
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from genai_jax.data.tokenizers import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+@dataclasses.dataclass(frozen=True)
+class ArraySource:
+    """An in-memory split: `x` uint8 `[n, H, W, C]` (or float32 `[n, dim]`), `label` int32."""
+
+    x: np.ndarray
+    label: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def get(self, indices: np.ndarray) -> dict:
+        return {"x": self.x[indices], "label": self.label[indices]}
+
+
+class TfdsSource:
+    """A TFDS data source split read lazily by index (for catalog sets too big to hold)."""
+
+    def __init__(self, source, image_key: str, label_key: str | None):
+        self._source, self._image_key, self._label_key = source, image_key, label_key
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def get(self, indices: np.ndarray) -> dict:
+        rows = [self._source[int(i)] for i in indices]
+        x = np.stack([np.asarray(r[self._image_key], np.uint8) for r in rows])
+        label = np.array([int(r[self._label_key]) if self._label_key else 0 for r in rows],
+                         np.int32)
+        return {"x": x, "label": label}
+
+
+class Digits(tfds.core.GeneratorBasedBuilder):
+    """scikit-learn's bundled 8x8 handwritten digits as uint8 images; every 10th is test."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self, description=self.__doc__,
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Tensor(shape=(8, 8, 1), dtype=np.uint8),
+                "label": tfds.features.ClassLabel(num_classes=10)}),
+            supervised_keys=("image", "label"), disable_shuffling=True)
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # nothing to download: the images ship with scikit-learn
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+        index = np.arange(len(images))
+        return {"train": self._generate_examples(images, digits.target, index[index % 10 != 0]),
+                "test": self._generate_examples(images, digits.target, index[index % 10 == 0])}
+
+    def _generate_examples(self, images, labels, indices):
+        for i in indices:
+            yield int(i), {"image": images[i], "label": int(labels[i])}
+
+
+def digits(data_cfg) -> tuple[ArraySource, ArraySource, int]:
+    builder = Digits(data_dir=_data_dir(data_cfg), file_format="array_record")
+    if not builder.is_prepared():
+        builder.download_and_prepare()
+    splits = []
+    for split in ("train", "test"):
+        source = TfdsSource(builder.as_data_source(split=split), "image", "label")
+        splits.append(ArraySource(**source.get(np.arange(len(source)))))
+    return splits[0], splits[1], 10
+
+
+def _data_dir(data_cfg) -> str | None:
+    return os.path.expanduser(data_cfg.data_dir) if data_cfg.data_dir else None
+
+
+def read_idx(path: pathlib.Path) -> np.ndarray:
+    """An IDX file (optionally gzipped) as a numpy array of its declared shape."""
+    raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08:
+        raise DataError(f"{path} is not an unsigned-byte IDX file")
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise DataError(f"{path} declares shape {shape} but holds {data.size} values")
+    return data.reshape(shape)
+
+
+def mnist_idx(data_cfg) -> tuple[ArraySource, ArraySource, int]:
+    folder = _folder(data_cfg, "mnist_idx")
+    pairs = {}
+    for images in sorted(folder.glob("*-images-idx3-ubyte*")):
+        prefix = images.name.split("-images-")[0]
+        labels = [p for p in folder.glob(f"{prefix}-labels-idx1-ubyte*")]
+        if not labels:
+            raise DataError(f"{images} has no matching {prefix}-labels-idx1-ubyte file")
+        x, y = read_idx(images), read_idx(labels[0])
+        if len(x) != len(y):
+            raise DataError(f"{images.name} has {len(x)} images but {labels[0].name} has "
+                            f"{len(y)} labels")
+        pairs[prefix] = ArraySource(x[..., None], y.astype(np.int32))
+    if not pairs:
+        raise DataError(f"data.path {str(folder)!r} holds no *-images-idx3-ubyte[.gz] files")
+    if "train" in pairs and "t10k" in pairs:
+        return pairs["train"], pairs["t10k"], 10
+    if len(pairs) > 1:
+        raise DataError(f"data.path {str(folder)!r} holds IDX files {sorted(pairs)}: expected "
+                        "train-* and t10k-*, or one pair to split")
+    (whole,) = pairs.values()
+    n = int(round(len(whole) * (1 - data_cfg.validation_fraction)))
+    return (ArraySource(whole.x[:n], whole.label[:n]), ArraySource(whole.x[n:], whole.label[n:]),
+            10)
+
+
+def image_folder(data_cfg) -> tuple[ArraySource, ArraySource, int]:
+    from PIL import Image
+
+    folder = _folder(data_cfg, "image_folder")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"data.path {str(folder)!r} holds no PNG or JPEG images")
+    classes = sorted({f.parent.relative_to(folder).as_posix() for f in files} - {"."})
+    if classes and any(f.parent == folder for f in files):
+        raise DataError(f"data.path {str(folder)!r} mixes images in class subfolders with "
+                        "images at its top level: put every image in a class folder, or none")
+    pictures = [Image.open(f) for f in files]
+    mode = "L" if all(p.mode in ("L", "1", "I;16") for p in pictures) else "RGB"
+    x = [np.asarray(p.convert(mode)) for p in pictures]
+    for f, img in zip(files, x, strict=True):
+        if img.shape != x[0].shape:
+            raise DataError(f"images in {str(folder)!r} differ in size: {f.name} is "
+                            f"{img.shape[:2]}, {files[0].name} is {x[0].shape[:2]}")
+    x = np.stack(x).reshape(len(x), *x[0].shape[:2], -1).astype(np.uint8)
+    label = np.array([classes.index(f.parent.relative_to(folder).as_posix()) if classes else 0
+                      for f in files], np.int32)
+    held_out = np.array([_bucket(f.relative_to(folder).as_posix()) <
+                         data_cfg.validation_fraction for f in files])
+    if held_out.all() or not held_out.any():
+        raise DataError(f"data.path {str(folder)!r} has too few images ({len(files)}) to hold "
+                        f"out data.validation_fraction={data_cfg.validation_fraction}")
+    return (ArraySource(x[~held_out], label[~held_out]),
+            ArraySource(x[held_out], label[held_out]), len(classes))
+
+
+def _bucket(name: str) -> float:
+    """A stable pseudo-random number in [0, 1) for a file name."""
+    return int(hashlib.sha1(name.encode()).hexdigest(), 16) % 10_000 / 10_000
+
+
+def _folder(data_cfg, name: str) -> pathlib.Path:
+    if not data_cfg.path:
+        raise DataError(f"data.name={name!r} needs data.path: pass --config.data.path=FOLDER")
+    folder = pathlib.Path(data_cfg.path).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"data.path {data_cfg.path!r} is not a folder")
+    return folder
+
+
+def tfds_catalog(data_cfg) -> tuple[TfdsSource, TfdsSource, int]:
+    name, data_dir = data_cfg.name, _data_dir(data_cfg)
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise DataError(f"data.name={name!r} is neither an embedded data set ('digits', 'ring8', "
+                        "'moons', 'swiss_roll'), 'mnist_idx', 'image_folder', nor a TFDS catalog "
+                        "data set") from None
+    features = builder.info.features
+    if data_cfg.image_key not in features:
+        raise DataError(f"data set {name!r} has no feature {data_cfg.image_key!r}; it has "
+                        f"{sorted(features)} (set data.image_key)")
+    label_key = data_cfg.label_key if data_cfg.label_key in features else None
+    num_classes = features[label_key].num_classes if label_key else 0
+    splits = []
+    for split in (data_cfg.train_split, data_cfg.eval_split):
+        known = builder.info.splits
+        if known and split not in known:
+            raise DataError(f"data set {name!r} has no split {split!r}; it has {sorted(known)} "
+                            "(set data.train_split / data.eval_split)")
+        try:
+            source = tfds.data_source(name, split=split, data_dir=data_dir)
+        except OSError as e:
+            raise DataError(f"could not download data set {name!r} ({type(e).__name__}): "
+                            "prepare it once on a machine online and point data.data_dir at "
+                            "it") from None
+        if len(source) == 0:
+            raise DataError(f"the {split} split of data set {name!r} is empty")
+        splits.append(TfdsSource(source, data_cfg.image_key, label_key))
+    return splits[0], splits[1], num_classes

@@ -1,0 +1,102 @@
+"""Image (and 2-D point) data sets and their batches: `{"x", "label"}` by (seed, step).
+
+A batch is `{"x": uint8 [batch, H, W, C] | float32 [batch, 2], "label": int32 [batch]}`:
+pixels stay uint8 until the model scales them (`genai_jax.models.images.to_model`), so
+every family documents its own pixel range. Sources: `genai_jax.data.image_sources`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from genai_jax.data import image_sources, toys
+from genai_jax.data.tokenizers import DataError
+from genai_jax.parallel.sharding import process_rows
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageData:
+    """The two splits of an image data set and what a model needs to know about them."""
+
+    train: image_sources.ArraySource | image_sources.TfdsSource
+    validation: image_sources.ArraySource | image_sources.TfdsSource
+    kind: str  # "image" or "points"
+    shape: tuple[int, ...]  # of one example: (H, W, C) or (2,)
+    num_classes: int  # 0: unlabelled
+    name: str  # data.name
+    description: str  # e.g. "data set 'mnist_idx' at ../shared/data/mnist", for messages
+
+    @property
+    def info(self) -> dict:
+        return {"kind": self.kind, "shape": self.shape, "num_classes": self.num_classes,
+                "data": self}
+
+
+def load_images(data_cfg, seed: int = 0) -> ImageData:
+    """The train and held-out splits named by `data_cfg` (see `image_sources`)."""
+    name = data_cfg.name
+    if name in toys.TOYS:
+        x, label, num_classes = toys.generate(name, data_cfg.num_points, seed)
+        n_val = max(1, int(len(x) * data_cfg.validation_fraction))
+        vx, vlabel, _ = toys.generate(name, n_val, seed + 1)
+        train, validation = image_sources.ArraySource(x, label), image_sources.ArraySource(
+            vx, vlabel)
+        return ImageData(train, validation, "points", (2,), num_classes, name, f"toy {name!r}")
+    loader = {"digits": image_sources.digits, "mnist_idx": image_sources.mnist_idx,
+              "image_folder": image_sources.image_folder}.get(name, image_sources.tfds_catalog)
+    train, validation, num_classes = loader(data_cfg)
+    first = train.get(np.arange(1))["x"]
+    if first.ndim != 4:
+        raise DataError(f"data set {name!r} holds arrays of shape {first.shape[1:]}, not "
+                        "images [height, width, channels]")
+    where = f"data set {name!r}" + (f" at {data_cfg.path}" if data_cfg.path else "")
+    return ImageData(train, validation, "image", tuple(first.shape[1:]), num_classes, name,
+                     where)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageBatches:
+    """`batch(step)`: rows of the global batch of `step`; epochs are seeded permutations, so
+    every example is seen once per epoch and the batches are a pure function of (seed, step)."""
+
+    source: image_sources.ArraySource | image_sources.TfdsSource
+    batch_size: int
+    seed: int
+    _permutations: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    def indices(self, step: int) -> np.ndarray:
+        n = len(self.source)
+        flat = step * self.batch_size + np.arange(self.batch_size)
+        epochs, positions = np.divmod(flat, n)
+        out = np.empty(self.batch_size, np.int64)
+        for epoch in np.unique(epochs):
+            rows = epochs == epoch
+            out[rows] = self._permutation(int(epoch))[positions[rows]]
+        return out
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._permutations:
+            if len(self._permutations) > 2:  # a batch touches at most two epochs
+                self._permutations.clear()
+            rng = np.random.default_rng([self.seed, epoch])
+            self._permutations[epoch] = rng.permutation(len(self.source))
+        return self._permutations[epoch]
+
+    def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> dict:
+        rows = process_rows(self.indices(step), process_index, process_count)
+        return self.source.get(rows)
+
+
+def eval_batches(source, batch_size: int, max_batches: int) -> list[dict]:
+    """Consecutive full batches from the start of the held-out split (at most `max_batches`;
+    0 = all); the tail that does not fill a batch is left out."""
+    n_batches = len(source) // batch_size
+    if max_batches:
+        n_batches = min(n_batches, max_batches)
+    if n_batches == 0:
+        raise DataError(f"the held-out split ({len(source)} examples) is smaller than one "
+                        f"evaluation batch of {batch_size}: lower eval.batch_size")
+    return [source.get(np.arange(i * batch_size, (i + 1) * batch_size))
+            for i in range(n_batches)]

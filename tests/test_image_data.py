@@ -1,0 +1,153 @@
+"""Image data: every source (embedded digits, IDX files, image folders, TFDS catalog, 2-D toys),
+batches by (seed, step), and the classifier-based sample metrics."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from genai_jax.data import DataError, toys
+from genai_jax.data.image_sources import read_idx
+from genai_jax.data.images import ImageBatches, eval_batches, load_images
+from genai_jax.evaluation.images import SampleEvaluator, frechet_distance
+from tests.conftest import SHARED_DATA, image_data_config
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_images(image_data_config("digits"))
+
+
+def test_digits_is_embedded_and_split_by_index(digits):
+    assert (len(digits.train), len(digits.validation)) == (1617, 180)
+    assert digits.shape == (8, 8, 1) and digits.num_classes == 10 and digits.kind == "image"
+    x = digits.train.get(np.arange(len(digits.train)))["x"]
+    assert x.dtype == np.uint8 and x.max() == 255 and x.min() == 0
+    from sklearn.datasets import load_digits
+
+    np.testing.assert_array_equal(digits.validation.get(np.arange(3))["label"],
+                                  load_digits().target[[0, 10, 20]])
+
+
+def _write_idx(path, array: np.ndarray):
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        d.to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_idx_folder_one_pair_splits_9_to_1(tmp_path):
+    x = np.random.default_rng(0).integers(0, 256, (50, 6, 5), np.uint8)
+    y = np.arange(50) % 10
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", x)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", y)
+    np.testing.assert_array_equal(read_idx(tmp_path / "t10k-images-idx3-ubyte.gz"), x)
+    data = load_images(image_data_config("mnist_idx", path=str(tmp_path)))
+    assert (len(data.train), len(data.validation), data.shape) == (45, 5, (6, 5, 1))
+    np.testing.assert_array_equal(data.validation.get(np.arange(5))["x"][..., 0], x[45:])
+    # train-* and t10k-* pairs are the two splits as they are
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", x[:20])
+    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", y[:20])
+    data = load_images(image_data_config("mnist_idx", path=str(tmp_path)))
+    assert (len(data.train), len(data.validation)) == (20, 50)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "mnist").exists(), reason="no ../shared/data/mnist")
+def test_shared_mnist_file_is_9000_train_1000_held_out():
+    data = load_images(image_data_config("mnist_idx", path=str(SHARED_DATA / "mnist")))
+    assert (len(data.train), len(data.validation), data.shape) == (9000, 1000, (28, 28, 1))
+
+
+def test_image_folder_labels_by_subfolder(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        for i in range(30):
+            Image.fromarray(rng.integers(0, 256, (4, 6, 3), np.uint8)).save(
+                tmp_path / cls / f"{i}.png")
+    data = load_images(image_data_config("image_folder", path=str(tmp_path),
+                                         validation_fraction=0.2))
+    assert data.shape == (4, 6, 3) and data.num_classes == 2
+    assert len(data.train) + len(data.validation) == 60 and 0 < len(data.validation) < 30
+    labels = data.train.get(np.arange(len(data.train)))["label"]
+    assert set(labels) == {0, 1}
+
+
+def test_image_folder_errors_are_one_line(tmp_path):
+    from PIL import Image
+
+    with pytest.raises(DataError, match="holds no PNG or JPEG images"):
+        load_images(image_data_config("image_folder", path=str(tmp_path)))
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.zeros((5, 4), np.uint8)).save(tmp_path / "b.png")
+    with pytest.raises(DataError, match="differ in size: b.png"):
+        load_images(image_data_config("image_folder", path=str(tmp_path)))
+
+
+def test_tfds_catalog_by_name_with_mock_data():
+    with tfds.testing.mock_data(num_examples=40):
+        data = load_images(image_data_config("mnist"))
+        assert data.shape == (28, 28, 1) and data.num_classes == 10
+        batch = ImageBatches(data.train, 8, seed=0).batch(3)
+        assert batch["x"].shape == (8, 28, 28, 1) and batch["x"].dtype == np.uint8
+    with pytest.raises(DataError, match="neither an embedded data set"):
+        load_images(image_data_config("no_such_images"))
+
+
+def test_batches_are_epochs_of_a_seeded_permutation(digits):
+    source = digits.train
+    a, b = ImageBatches(source, 100, seed=1), ImageBatches(source, 100, seed=1)
+    np.testing.assert_array_equal(a.batch(7)["x"], b.batch(7)["x"])
+    steps = len(source) // 100
+    seen = np.concatenate([a.indices(s) for s in range(steps)])
+    assert len(np.unique(seen)) == len(seen)  # no example twice within an epoch
+    halves = [a.batch(7, i, 2)["label"] for i in range(2)]
+    np.testing.assert_array_equal(np.concatenate(halves), a.batch(7)["label"])
+    assert len(eval_batches(digits.validation, 64, 0)) == 2  # 180 -> two full batches
+
+
+def test_toys_and_mode_coverage():
+    points, labels, k = toys.generate("ring8", 4000, seed=0)
+    assert k == 8 and points.shape == (4000, 2)
+    full = toys.mode_coverage(points)
+    assert full["modes_covered"] == 8 and full["high_quality_fraction"] > 0.95
+    collapsed = toys.mode_coverage(points[labels == 3])
+    assert collapsed["modes_covered"] == 1
+    spread = toys.mode_coverage(np.random.default_rng(0).normal(0, 2, (4000, 2)))
+    assert spread["high_quality_fraction"] < 0.1
+    for name in ("moons", "swiss_roll"):
+        pts, _, _ = toys.generate(name, 500, seed=0)
+        assert pts.shape == (500, 2) and np.abs(pts).max() < 4
+
+
+def test_frechet_distance_matches_the_closed_form():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(400, 3)) @ rng.normal(size=(3, 3))
+    b = rng.normal(size=(300, 3)) * [1.0, 2.0, 0.5] + 1.0
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    # Tr((S_a S_b)^1/2) = sum of sqrt of the eigenvalues of S_a^1/2 S_b S_a^1/2
+    w, v = np.linalg.eigh(s_a)
+    root_a = v @ np.diag(np.sqrt(w)) @ v.T
+    trace_root = np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ s_b @ root_a), 0, None)).sum()
+    expected = (np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(s_a) + np.trace(s_b)
+                - 2 * trace_root)
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_sample_metrics_tell_real_digits_from_noise(digits):
+    evaluator = SampleEvaluator(digits.info)
+    held_out = digits.validation.get(np.arange(len(digits.validation)))
+    real = evaluator(held_out["x"] / 127.5 - 1.0, held_out["label"])
+    noise = evaluator(np.random.default_rng(0).uniform(-1, 1, held_out["x"].shape),
+                      held_out["label"])
+    assert real["classifier_heldout_accuracy"] > 0.9
+    assert real["classifier_accuracy"] == real["classifier_heldout_accuracy"]
+    assert real["fid_classifier"] < 1e-6 < real["fid_floor"] < noise["fid_classifier"]
+    assert noise["classifier_accuracy"] < 0.3
+    assert real["classifier_score"] > 5 > noise["classifier_score"]
