@@ -124,7 +124,9 @@ _STATE_KEYS = ("model", "data.name", "data.tokenizer", "train.ema_decay", "train
 
 def incompatibilities(saved: ml_collections.ConfigDict,
                       current: ml_collections.ConfigDict) -> list[str]:
-    """`key: saved -> current` for every state-defining key that differs."""
+    """`key: saved -> current` for every state-defining key that differs. `saved` was read back
+    from JSON, so `current` goes through JSON too: a tuple and the list it was saved as agree."""
+    current = ml_collections.ConfigDict(json.loads(current.to_json_best_effort()))
     out = []
     for key in _STATE_KEYS:
         a, b = _get_or_none(saved, key), _get_or_none(current, key)

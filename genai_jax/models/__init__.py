@@ -15,6 +15,9 @@ from genai_jax.models.family import Family
 # family name -> (module, data modality)
 FAMILIES = {
     "transformer": ("genai_jax.models.lm", "text"),
+    "vae": ("genai_jax.models.vae", "image"),
+    "gan": ("genai_jax.models.gan", "image"),
+    "diffusion": ("genai_jax.models.diffusion", "image"),
 }
 
 

@@ -140,13 +140,15 @@ def make_family(config, data_info: dict, *, init, train_step, eval_step, generat
 
     def sample_eval(state, rng: jax.Array, directory: str, step: int) -> dict[str, float]:
         outputs = sample(state, rng, num_samples=config.eval.num_samples)
-        save_samples({**outputs, "x": outputs["x"][:config.sample.num_samples]}, directory,
-                     step)
+        if jax.process_index() == 0:  # every process samples; one writes
+            save_samples({**outputs, "x": outputs["x"][:config.sample.num_samples]},
+                         directory, step)
         return evaluator()(outputs["x"], outputs["label"] if config.model.conditional else None)
 
     return Family(init=init, train_step=train_step, eval_step=eval_step, sample=sample,
                   save_samples=save_samples, summarize_eval=summarize_eval or (lambda m: m),
-                  sample_eval=sample_eval, tokens_per_example=1, throughput_unit="examples")
+                  sample_eval=sample_eval if config.eval.num_samples else None,
+                  tokens_per_example=1, throughput_unit="examples")
 
 
 def _evaluator(config, data_info):

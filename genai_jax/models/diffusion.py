@@ -1,0 +1,185 @@
+"""The diffusion family: a denoiser trained on the DDPM objective, sampled with DDIM or DDPM.
+
+Training (Ho et al. 2020): x0 in [-1, 1], t ~ U{0..T-1}, eps ~ N(0, I),
+x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps, and the loss is the mean squared
+error of the network's output against eps (`model.prediction="eps"`) or against
+v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0 ("v"). A class-conditional model sees
+the "no label" class (index num_classes) for a `model.label_dropout` fraction of rows, which
+trains the unconditional model that classifier-free guidance needs.
+
+Sampling (`genai_jax.sampling.diffusion`): the EMA weights (when `train.ema_decay` > 0),
+`sample.sampler` "ddim" or "ddpm" over `sample.steps` timesteps, CFG weight `sample.guidance`,
+`sample.clip_x0` (images only: 2-D points are not in [-1, 1]). `model.kernels="pallas"` uses
+the fused Pallas GroupNorm-modulate-SiLU in the UNet and the fused sampler step.
+
+Evaluation: the same loss on held-out batches, row i of a batch at the fixed timestep
+round(i (T-1) / (n-1)) with fixed noise, overall ("loss") and per quarter of [0, T)
+("loss_t0" is the least noisy). Extras: a PNG strip of the predicted x0 of a few samples at
+`sample.trajectory_steps` evenly spaced sampler steps (rows = samples, columns = steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from genai_jax import config as config_lib
+from genai_jax.config import ConfigError
+from genai_jax.models import images
+from genai_jax.models.family import Family
+from genai_jax.nn import IMPLEMENTATIONS
+from genai_jax.nn.unet import UNetConfig, make_denoiser
+from genai_jax.sampling import diffusion as diff
+from genai_jax.train.optim import learning_rate_schedule, make_optimizer
+from genai_jax.train.state import TrainState, make_train_step
+
+EVAL_NOISE_SEED = 1234  # the held-out loss uses the same noise at every evaluation
+
+
+def config_defaults() -> dict:
+    return {
+        "model": dict(conditional=False, prediction="eps", schedule="cosine",
+                      num_timesteps=1000, channels=64, channel_mult=(1, 2, 2), num_res_blocks=2,
+                      attention_max_side=8, num_heads=4, groups=8, label_dropout=0.1,
+                      kernels="xla", attention="xla", mlp_width=256, mlp_depth=3,
+                      dtype="float32"),
+        "sample": dict(num_samples=100, sampler="ddim", steps=50, eta=0.0, guidance=1.0,
+                       clip_x0=True, trajectory_samples=8, trajectory_steps=8),
+        "eval": dict(num_samples=1000, timestep_buckets=4),
+    }
+
+
+def validate(config) -> None:
+    m, s = config.model, config.sample
+    config_lib.check_choices(config, {
+        "model.prediction": diff.PREDICTIONS,
+        "model.schedule": diff.SCHEDULES,
+        "model.kernels": diff.KERNELS,
+        "model.attention": IMPLEMENTATIONS,
+        "model.dtype": ("float32", "bfloat16"),
+        "sample.sampler": diff.SAMPLERS,
+    })
+    config_lib.check_positive(config, (
+        "model.num_timesteps", "model.channels", "model.num_res_blocks", "model.num_heads",
+        "model.groups", "model.mlp_width", "model.mlp_depth", "sample.trajectory_samples",
+        "sample.trajectory_steps", "eval.timestep_buckets"))
+    if not m.channel_mult or min(m.channel_mult) <= 0:
+        raise ConfigError(f"model.channel_mult={tuple(m.channel_mult)} must be a non-empty "
+                          "tuple of positive multipliers, e.g. (1, 2, 2)")
+    for width in {m.channels * k for k in m.channel_mult}:
+        if width % m.groups:
+            raise ConfigError(f"model.groups={m.groups} must divide every level's width "
+                              f"(model.channels * model.channel_mult: {width})")
+        if m.attention_max_side and width % m.num_heads:
+            raise ConfigError(f"model.num_heads={m.num_heads} must divide every level's width "
+                              f"({width}) when attention is on (model.attention_max_side > 0)")
+    if not 0.0 <= m.label_dropout < 1.0:
+        raise ConfigError(f"model.label_dropout={m.label_dropout} must be in [0, 1)")
+    if s.steps < 0 or s.eta < 0 or s.guidance < 0:
+        raise ConfigError("sample.steps (0 = all model.num_timesteps), sample.eta and "
+                          "sample.guidance must be >= 0")
+    if m.conditional and s.guidance != 1.0 and m.label_dropout == 0.0:
+        raise ConfigError(f"sample.guidance={s.guidance} needs the unconditional model, which "
+                          "only label dropout trains: set model.label_dropout > 0 (e.g. 0.1) "
+                          "or sample.guidance=1")
+
+
+def unet_config(config, data_info: dict) -> UNetConfig:
+    fields = {f.name for f in dataclasses.fields(UNetConfig)} - {"shape", "num_classes"}
+    kwargs = {k: v for k, v in config.model.items() if k in fields}
+    kwargs["channel_mult"] = tuple(kwargs["channel_mult"])
+    return UNetConfig(shape=tuple(data_info["shape"]),
+                      num_classes=data_info["num_classes"] if config.model.conditional else 0,
+                      **kwargs)
+
+
+def build(config, data_info: dict) -> Family:
+    """The diffusion family for `config` on data described by `data_info` (see images.py)."""
+    images.check_conditional(config, data_info)
+    m, s = config.model, config.sample
+    cfg = unet_config(config, data_info)
+    kind, shape = data_info["kind"], tuple(data_info["shape"])
+    conditional, num_classes = m.conditional, data_info["num_classes"]
+    schedule = diff.make_schedule(m.schedule, m.num_timesteps)
+    tx = make_optimizer(config.train)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: make_denoiser(cfg, nnx.Rngs(0))))
+
+    def init(rng: jax.Array) -> TrainState:
+        params_rng, state_rng = jax.random.split(rng)
+        params = nnx.state(make_denoiser(cfg, nnx.Rngs(params=params_rng)), nnx.Param)
+        return TrainState.create(params, tx, state_rng, config.train.ema_decay)
+
+    def denoiser(params):
+        model = nnx.merge(graphdef, params)
+        return lambda x, t, labels: model(x, t, labels if conditional else None)
+
+    def losses(params, batch, t, noise, labels) -> jax.Array:
+        """Per-row mean squared error `[n]` at timesteps t with the given noise and labels."""
+        x0 = images.to_model(batch["x"])
+        out = denoiser(params)(diff.q_sample(schedule, x0, t, noise), t, labels)
+        target = diff.training_target(m.prediction, schedule, x0, t, noise)
+        err = jnp.square(out.astype(jnp.float32) - target)
+        return err.reshape(err.shape[0], -1).mean(axis=1)
+
+    def loss_fn(params, batch, rng):
+        n = batch["x"].shape[0]
+        t_rng, noise_rng, drop_rng = jax.random.split(rng, 3)
+        t = jax.random.randint(t_rng, (n,), 0, m.num_timesteps)
+        noise = jax.random.normal(noise_rng, (n, *shape))
+        labels = batch["label"]
+        if conditional:  # classifier-free guidance: train the null class on some rows
+            drop = jax.random.bernoulli(drop_rng, m.label_dropout, (n,))
+            labels = jnp.where(drop, num_classes, labels)
+        return losses(params, batch, t, noise, labels).mean(), {}
+
+    def eval_step(state: TrainState, batch) -> dict:
+        params = state.ema if state.ema is not None else state.params
+        n = batch["x"].shape[0]
+        t = jnp.round(jnp.linspace(0, m.num_timesteps - 1, n)).astype(jnp.int32)
+        noise = jax.random.normal(jax.random.PRNGKey(EVAL_NOISE_SEED), (n, *shape))
+        per_row = losses(params, batch, t, noise, batch["label"])
+        metrics = {"loss": per_row.mean()}
+        buckets = config.eval.timestep_buckets
+        bucket = t * buckets // m.num_timesteps
+        for b in range(buckets):
+            mask = bucket == b
+            metrics[f"loss_t{b}"] = (jnp.sum(per_row * mask) / jnp.maximum(jnp.sum(mask), 1))
+        return metrics
+
+    sampler_kwargs = dict(null_label=num_classes, sampler=s.sampler, steps=s.steps, eta=s.eta,
+                          guidance=s.guidance, clip_x0=s.clip_x0 and kind == "image",
+                          prediction=m.prediction, kernels=m.kernels)
+
+    def generate(state: TrainState, rng: jax.Array, labels: jax.Array, trajectory=False):
+        params = state.ema if state.ema is not None else state.params
+        return diff.sample(denoiser(params), schedule, (labels.shape[0], *shape), rng,
+                           labels=labels if conditional else None, trajectory=trajectory,
+                           **sampler_kwargs)
+
+    trajectory_jit = jax.jit(functools.partial(generate, trajectory=True))
+
+    def extras(state, rng, directory: pathlib.Path, step: int) -> dict[str, str]:
+        if kind != "image":
+            return {}
+        labels = images.default_labels(s.trajectory_samples, num_classes)
+        _, path = trajectory_jit(state, jax.random.fold_in(rng, 1), jnp.asarray(labels))
+        columns = np.unique(np.round(np.linspace(0, path.shape[0] - 1, s.trajectory_steps))
+                            .astype(int))
+        strip = np.asarray(path)[columns].swapaxes(0, 1)  # [samples, columns, H, W, C]
+        picture = images.grid(images.to_uint8(strip.reshape(-1, *shape)), nrow=len(columns))
+        return {"trajectory": images.save_png(picture,
+                                              directory / f"trajectory_{step:08d}.png")}
+
+    return images.make_family(
+        config, data_info, init=init,
+        train_step=make_train_step(loss_fn, tx, accum_steps=config.train.grad_accum_steps,
+                                   ema_decay=config.train.ema_decay,
+                                   schedule=learning_rate_schedule(config.train)),
+        eval_step=eval_step, generate=generate, extras=extras)
+
