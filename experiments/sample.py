@@ -3,8 +3,8 @@
 Reads the config (and tokenizer) saved in DIR and its latest checkpoint, and writes the samples
 under DIR/samples. Language models: several `--prompt` flags decode together as one batch (KV
 cache, compiled once). Image families: `--num_samples` images (classes cycling 0, 1, ... for a
-conditional model, or the `--label`s given) as a PNG grid, plus the family's own pictures (VAE
-reconstructions and interpolations, the diffusion trajectory strip).
+conditional model, or through the `--label`s given) as a PNG grid, plus the family's own
+pictures (VAE reconstructions and interpolations, the diffusion trajectory strip).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ _TEMPERATURE = flags.DEFINE_float("temperature", None, "0 = greedy")
 _TOP_K = flags.DEFINE_integer("top_k", None, "keep the k most likely tokens (0 = all)")
 _TOP_P = flags.DEFINE_float("top_p", None, "nucleus sampling mass (1 = off)")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "images to generate (image families)")
-_LABEL = flags.DEFINE_multi_integer("label", None, "class of each image (conditional models)")
+_LABEL = flags.DEFINE_multi_integer("label", None, "classes to draw, cycled to --num_samples "
+                                    "(conditional models)")
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 flags.mark_flags_as_required(["workdir"])
 

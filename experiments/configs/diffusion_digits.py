@@ -3,7 +3,7 @@
 UNet at 8x8 and 4x4 (widths 32, 64; two ResBlocks per level, self-attention at 4x4 and in the
 middle), AdaGN time + label conditioning, cosine schedule with T = 1000, eps-prediction, label
 dropout 0.1 for classifier-free guidance. AdamW lr 1e-3 (100 warm-up steps, cosine to 1e-4, no
-weight decay), batch 64, 3000 steps, EMA 0.999 for sampling. Samples: DDIM, 50 steps, eta 0,
+weight decay), batch 64, 2000 steps, EMA 0.995 for sampling. Samples: DDIM, 50 steps, eta 0,
 guidance w = 2 (out = uncond + w (cond - uncond)), predicted x0 clipped to [-1, 1].
 
     python -m experiments.train --config=experiments/configs/diffusion_digits.py \\

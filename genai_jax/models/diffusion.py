@@ -12,10 +12,11 @@ Sampling (`genai_jax.sampling.diffusion`): the EMA weights (when `train.ema_deca
 `sample.clip_x0` (images only: 2-D points are not in [-1, 1]). `model.kernels="pallas"` uses
 the fused Pallas GroupNorm-modulate-SiLU in the UNet and the fused sampler step.
 
-Evaluation: the same loss on held-out batches, row i of a batch at the fixed timestep
-round(i (T-1) / (n-1)) with fixed noise, overall ("loss") and per quarter of [0, T)
-("loss_t0" is the least noisy). Extras: a PNG strip of the predicted x0 of a few samples at
-`sample.trajectory_steps` evenly spaced sampler steps (rows = samples, columns = steps).
+Evaluation: the same loss of the EMA weights (when kept) on held-out batches, row i of a
+batch at the fixed timestep round(i (T-1) / (n-1)) with fixed noise, overall ("loss") and per
+quarter of [0, T) ("loss_t0" is the least noisy). Extras: a PNG strip of the predicted x0 of
+a few samples at `sample.trajectory_steps` evenly spaced sampler steps (rows = samples,
+columns = steps).
 """
 
 from __future__ import annotations

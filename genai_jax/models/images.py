@@ -112,7 +112,8 @@ def make_family(config, data_info: dict, *, init, train_step, eval_step, generat
     """The `Family` of an image model from its pure parts.
 
     `generate(state, rng, labels)` makes `len(labels)` samples in model range (jit-compiled here,
-    once per sample count). Sampling, the PNG files and the sample-based evaluation metrics
+    once per sample count); `sample` cycles given labels to `num_samples` when both are given.
+    Sampling, the PNG files and the sample-based evaluation metrics
     (`genai_jax.evaluation.images`) are the same for every image family and live here.
     `extras` writes family-specific pictures at every evaluation and by `experiments.sample`.
     """
@@ -122,8 +123,11 @@ def make_family(config, data_info: dict, *, init, train_step, eval_step, generat
 
     def sample(state, rng: jax.Array, num_samples: int | None = None,
                labels=None, **_) -> dict:
+        n = num_samples or config.sample.num_samples
         if labels is None:
-            labels = default_labels(num_samples or config.sample.num_samples, num_classes)
+            labels = default_labels(n, num_classes)
+        elif num_samples:  # the given classes, cycled to `num_samples` images
+            labels = np.resize(np.asarray(labels), num_samples)
         labels = np.asarray(labels, np.int32)
         return {"x": np.asarray(generate_jit(state, rng, jnp.asarray(labels))),
                 "label": labels, "state": state, "rng": rng}

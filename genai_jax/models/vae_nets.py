@@ -1,9 +1,9 @@
 """The VAE's networks: a convolutional (or MLP, for 2-D points) encoder to a diagonal Gaussian
 posterior and a decoder to the parameters of the pixel likelihood.
 
-Images `[batch, H, W, C]` in [-1, 1]. Each encoder stage is one strided 4x4 convolution (stride
-2 while the side stays even and its half is >= 4, else stride 1) followed by `blocks` residual
-3x3 blocks; 28 -> 14 -> 7 for MNIST, 8 -> 4 for the digits, 32 -> 16 -> 8 -> 4 for CIFAR-10
+Images `[batch, H, W, C]` in [-1, 1]. Each encoder stage is one convolution (4x4 with stride 2
+while the side stays even and its half is >= 4, else 3x3 with stride 1) followed by `blocks`
+residual 3x3 blocks; 28 -> 14 -> 7 for MNIST, 8 -> 4 for the digits, 32 -> 16 -> 8 -> 4 for CIFAR-10
 with three stages. The decoder mirrors it with sub-pixel convolutions. Class conditioning
 concatenates a learned label embedding to the encoder's flattened features and to z.
 """

@@ -4,7 +4,8 @@ UNet (Ho et al. 2020, with Dhariwal & Nichol 2021's refinements): ResBlocks with
 whose second norm is modulated by the time (+ class) embedding, AdaGN
 `h = silu(groupnorm(h) * (1 + scale) + shift)`; self-attention at the low resolutions; a skip
 connection from every down-path block to the up path; the last conv of every residual branch
-and of the output starts at zero, so the untrained network is the identity plus nothing.
+and of the output starts at zero, so every block starts as the identity and the untrained
+network outputs exactly 0.
 
 Resolutions come from the image side: halve while height and width are even and the result is
 at least 4 (8 -> 4; 28 -> 14 -> 7; 32 -> 16 -> 8 -> 4), and at most `len(channel_mult)` levels.
