@@ -6,7 +6,9 @@ non-overlapping windows covering the validation split. Image families: their hel
 over the whole held-out split (e.g. the VAE's ELBO and importance-weighted NLL), then the
 sample-based metrics of `--num_samples` generated samples (classifier Fréchet distance and its
 real-vs-real floor, classifier accuracy of conditional samples, classifier score; see
-`genai_jax.evaluation.images`), also written as a PNG grid under DIR/samples.
+`genai_jax.evaluation.images`), also written as a PNG grid under DIR/samples. `--set` changes
+evaluation and sampling settings (`eval.*`, `sample.*`) of the saved config for this evaluation
+only.
 """
 
 from __future__ import annotations
@@ -19,13 +21,40 @@ from absl import app, flags, logging
 from experiments.common import load_workdir_config, parse_flags, user_errors_as_one_line
 from genai_jax import models
 from genai_jax.data import images, sequential_batches
+from genai_jax.errors import UserError
 from genai_jax.train import prepare
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a directory written by experiments.train")
 _MAX_BATCHES = flags.DEFINE_integer("max_batches", 0, "cap on validation batches (0 = all)")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 0, "samples for the sample-based metrics of "
                                     "image families (0 = the config's eval.num_samples)")
+_SET = flags.DEFINE_multi_string("set", [], "eval.KEY=VALUE or sample.KEY=VALUE: change a setting "
+                                 "of the saved config for this evaluation, e.g. "
+                                 "--set=eval.binarize=stochastic (VAE), --set=sample.guidance=3")
 flags.mark_flags_as_required(["workdir"])
+
+
+def set_eval_keys(config, assignments: list[str]) -> None:
+    """Apply `eval.KEY=VALUE` / `sample.KEY=VALUE` assignments, each VALUE parsed as the type of
+    the key's value: these change what is measured (and how samples are drawn), never the
+    state that is measured. A run saved before its family gained a key gets the key's default."""
+    defaults = models.module(config.model.family).config_defaults()
+    for assignment in assignments:
+        key, _, value = assignment.partition("=")
+        section, _, leaf = key.partition(".")
+        known = ({**defaults.get(section, {}), **config[section]}
+                 if section in ("eval", "sample") else {})
+        if leaf not in known:
+            raise UserError(f"--set={assignment}: only existing eval.* and sample.* keys can be "
+                            "set")
+        old = known[leaf]
+        try:
+            with config.unlocked():
+                config[section][leaf] = (value.lower() in ("1", "true") if isinstance(old, bool)
+                                         else type(old)(value))
+        except ValueError:
+            raise UserError(f"--set={assignment}: {value!r} is not a {type(old).__name__}, "
+                            f"the type of {key}") from None
 
 
 @user_errors_as_one_line
@@ -36,6 +65,7 @@ def main(argv):
     if _NUM_SAMPLES.value and "num_samples" in config.eval:
         config.unlock().eval.num_samples = _NUM_SAMPLES.value
         config.lock()
+    set_eval_keys(config, _SET.value)  # prepare() validates the result
     run = prepare(config, _WORKDIR.value)
     batch = config.eval.batch_size or config.train.batch_size
     if models.modality(config.model.family) == "text":

@@ -22,14 +22,19 @@ def tiny_lm_config(**overrides):
     c.eval.update(every=10, steps=2)
     c.checkpoint.update(every=10, keep=2)
     c.sample.update(max_new_tokens=8)
+    return overridden(c, overrides)
+
+
+def overridden(config, overrides: dict):
+    """`config` with dotted `overrides` ({"train.steps": 4, ...}) applied, then locked."""
     for key, value in overrides.items():
-        node = c
+        node = config
         *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
+        for part in parents:
+            node = node[part]
         node[leaf] = value
-    c.lock()
-    return c
+    config.lock()
+    return config
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ import pytest
 from genai_jax.config import ConfigError, base_config
 from genai_jax.models import diffusion
 from genai_jax.sampling import diffusion as diff
+from tests.conftest import overridden
 
 T = 1000
 SHAPE = (8, 8, 1)
@@ -27,11 +28,7 @@ def tiny_config(**overrides):
     c.train.update(batch_size=8, learning_rate=3e-3, warmup_steps=0, weight_decay=0.0,
                    ema_decay=0.0, steps=100)
     c.sample.update(steps=5, guidance=2.0)
-    for key, value in overrides.items():
-        section, leaf = key.split(".")
-        c[section][leaf] = value
-    c.lock()
-    return c
+    return overridden(c, overrides)
 
 
 def digits_batch(n=8, offset=0):

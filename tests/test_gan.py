@@ -20,6 +20,7 @@ from genai_jax.models.gan_nets import (
     spectral_sigma,
 )
 from genai_jax.parallel import logical_axes
+from tests.conftest import overridden
 
 DIGITS = {"kind": "image", "shape": (8, 8, 1), "num_classes": 10, "data": None}
 POINTS = {"kind": "points", "shape": (2,), "num_classes": 8, "data": None}
@@ -30,11 +31,7 @@ def _config(**overrides):
     c.model.update(conditional=True, z_dim=8, g_channels=4, d_channels=4, hidden=16,
                    mlp_layers=2, label_dim=4)
     c.train.update(batch_size=8, ema_decay=0.9)
-    for key, value in overrides.items():
-        section, name = key.split(".")
-        c[section][name] = value
-    c.lock()
-    return c
+    return overridden(c, overrides)
 
 
 def _batch(info, n=8, seed=0):

@@ -12,7 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from genai_jax.train import read_metrics, train
-from tests.conftest import ROOT
+from tests.conftest import ROOT, overridden
 from tests.test_cli import cli, error_line, tree_digest
 
 FAMILIES = ("vae", "gan", "diffusion")
@@ -25,14 +25,7 @@ SMALL = {"train.steps": 4, "train.batch_size": 8, "train.steps_per_call": 1,
 def family_config(family: str, **overrides):
     """`experiments/configs/{family}_digits.py` shrunk to a few steps, with `overrides`."""
     config = importlib.import_module(f"experiments.configs.{family}_digits").get_config()
-    for key, value in {**SMALL, **overrides}.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    config.lock()
-    return config
+    return overridden(config, {**SMALL, **overrides})
 
 
 @pytest.mark.slow
@@ -134,8 +127,11 @@ def test_sample_and_evaluate_cli(digits_run, env):
     proc = cli("sample", f"--workdir={workdir}", "--num_samples=20", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (workdir / "samples" / "step_00000004.png").exists()
-    proc = cli("evaluate", f"--workdir={workdir}", "--num_samples=50", env=env)
+    proc = cli("evaluate", f"--workdir={workdir}", "--num_samples=50",
+               "--set=eval.binarize=stochastic", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["heldout_examples"] == 176  # 180 held-out digits in full batches of 8
     assert {"elbo", "nll_nats", "bits_per_dim", "fid_classifier", "fid_floor"} <= set(result)
+    proc = cli("evaluate", f"--workdir={workdir}", "--set=train.steps=3", env=env)
+    assert "only existing eval.* and sample.* keys can be set" in error_line(proc)

@@ -14,6 +14,7 @@ from PIL import Image
 
 from genai_jax.config import ConfigError, base_config
 from genai_jax.models import vae as vae_lib
+from tests.conftest import overridden
 
 DIGITS_INFO = {"kind": "image", "shape": (8, 8, 1), "num_classes": 10, "data": None}
 
@@ -36,14 +37,7 @@ def vae_config(**overrides):
     c.train.update(batch_size=32, learning_rate=3e-3, warmup_steps=0, weight_decay=0.0,
                    grad_clip=0.0, steps=100)
     c.eval.update(iw_samples=100, iw_chunk=25)
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    c.lock()
-    return c
+    return overridden(c, overrides)
 
 
 @pytest.fixture(scope="module")

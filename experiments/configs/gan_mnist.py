@@ -1,9 +1,17 @@
 """A class-conditional GAN on MNIST (the 10k test file: 9,000 train / 1,000 held out), 2 CPU cores.
 
+G: z (64) + label embedding (32) -> 7x7x128 -> 14x14x64 -> 28x28x32 (sub-pixel upsampling,
+pixel norm, ReLU) -> tanh; D: 28x28x32 -> 14x14x64 -> 7x7x128 (LeakyReLU 0.2) -> projection
+head. Hinge loss, spectral norm on every D weight, Adam 2e-4 / 2e-4 with betas (0.5, 0.99),
+batch 64, 4000 steps, EMA generator (0.999) for samples and evaluation.
+
     python -m experiments.train --config=experiments/configs/gan_mnist.py \\
         --config.data.path=../shared/data/mnist --workdir=runs/gan_mnist
 
-Expect: not yet measured.
+Measured (2 CPU cores, jax 0.10.2; 2026-11-23): 902 s wall for the whole run (~310 examples/s,
+4 evaluations of 1,000 samples). Class-conditional samples recognised as the asked class by the
+project's MNIST classifier: 84% at step 1000, 93.5% at 2000, 96.3% at 3000, **96.8%** at 4000
+(target >= 90%); classifier Fréchet distance 1012 -> 813 -> 671 -> 565 (real-vs-real floor 387).
 """
 
 from genai_jax.config import base_config
