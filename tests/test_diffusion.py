@@ -262,6 +262,12 @@ def test_guidance_without_label_dropout_is_rejected():
         config_lib.validate(tiny_config(**{"model.label_dropout": 0.0}))
 
 
+def test_eps_prediction_on_points_is_rejected():
+    with pytest.raises(ConfigError, match="model.prediction=v"):
+        diffusion.build(tiny_config(**{"model.conditional": False}),
+                        {"kind": "points", "shape": (2,), "num_classes": 0, "data": None})
+
+
 def test_one_real_training_step(family):
     prediction, fam, state, step = family
     first, metrics = step(state, digits_batch())

@@ -9,8 +9,9 @@ trains the unconditional model that classifier-free guidance needs.
 
 Sampling (`genai_jax.sampling.diffusion`): the EMA weights (when `train.ema_decay` > 0),
 `sample.sampler` "ddim" or "ddpm" over `sample.steps` timesteps, CFG weight `sample.guidance`,
-`sample.clip_x0` (images only: 2-D points are not in [-1, 1]). `model.kernels="pallas"` uses
-the fused Pallas GroupNorm-modulate-SiLU in the UNet and the fused sampler step.
+`sample.clip_x0` (images only: 2-D points are not in [-1, 1], and need v-prediction).
+`model.kernels="pallas"` uses the fused Pallas GroupNorm-modulate-SiLU in the UNet and the fused
+sampler step.
 
 Evaluation: the same loss of the EMA weights (when kept) on held-out batches, row i of a
 batch at the fixed timestep round(i (T-1) / (n-1)) with fixed noise, overall ("loss") and per
@@ -106,6 +107,12 @@ def build(config, data_info: dict) -> Family:
     m, s = config.model, config.sample
     cfg = unet_config(config, data_info)
     kind, shape = data_info["kind"], tuple(data_info["shape"])
+    if kind == "points" and m.prediction == "eps":
+        # x0 = (x_t - s eps) / a multiplies eps's error by s / a (~2e4 at the cosine schedule's
+        # last step); images clip x0 to [-1, 1], points have no range to clip to (measured on
+        # ring8: eps-prediction samples diverge, v-prediction covers all 8 modes).
+        raise ConfigError(f"data.name={config.data.name!r} is 2-D points, whose samples diverge "
+                          "with eps-prediction: set --config.model.prediction=v")
     conditional, num_classes = m.conditional, data_info["num_classes"]
     schedule = diff.make_schedule(m.schedule, m.num_timesteps)
     tx = make_optimizer(config.train)
