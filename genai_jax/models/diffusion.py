@@ -147,7 +147,7 @@ def build(config, data_info: dict) -> Family:
         return losses(params, batch, t, noise, labels).mean(), {}
 
     def eval_step(state: TrainState, batch) -> dict:
-        params = state.ema if state.ema is not None else state.params
+        params = state.eval_params
         n = batch["x"].shape[0]
         t = jnp.round(jnp.linspace(0, m.num_timesteps - 1, n)).astype(jnp.int32)
         noise = jax.random.normal(jax.random.PRNGKey(EVAL_NOISE_SEED), (n, *shape))
@@ -165,7 +165,7 @@ def build(config, data_info: dict) -> Family:
                           prediction=m.prediction, kernels=m.kernels)
 
     def generate(state: TrainState, rng: jax.Array, labels: jax.Array, trajectory=False):
-        params = state.ema if state.ema is not None else state.params
+        params = state.eval_params
         return diff.sample(denoiser(params), schedule, (labels.shape[0], *shape), rng,
                            labels=labels if conditional else None, trajectory=trajectory,
                            **sampler_kwargs)

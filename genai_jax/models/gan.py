@@ -93,6 +93,11 @@ class GANState:
     sn_state: Any  # nnx.State of D's SpectralVectors (power-iteration u), or None
     rng: jax.Array  # uint32[2] base key; step keys are fold_in(rng, step)
 
+    @property
+    def g_eval_params(self):
+        """G's parameters to sample with: the EMA when one is kept."""
+        return self.g_params if self.g_ema is None else self.g_ema
+
 
 def net_config(config, data_info: dict) -> NetConfig:
     m = config.model
@@ -225,7 +230,7 @@ def build(config, data_info: dict) -> Family:
 
     def generate(state: GANState, rng: jax.Array, labels: jax.Array) -> jax.Array:
         """`len(labels)` samples of the EMA generator (if kept) in model range."""
-        params = state.g_ema if state.g_ema is not None else state.g_params
+        params = state.g_eval_params
         z = jax.random.normal(rng, (labels.shape[0], cfg.z_dim))
         return generator(params, z, labels)
 
@@ -235,7 +240,7 @@ def build(config, data_info: dict) -> Family:
     def interpolate(state: GANState, rng: jax.Array) -> jax.Array:
         """`[rows * cols, ...]`: each row walks linearly between two latents (row i of class i
         when conditional): a smooth walk shows that G did not memorise single images."""
-        params = state.g_ema if state.g_ema is not None else state.g_params
+        params = state.g_eval_params
         ends = jax.random.normal(rng, (2, rows, 1, cfg.z_dim))
         t = jnp.linspace(0.0, 1.0, cols)[None, :, None]
         z = ((1.0 - t) * ends[0] + t * ends[1]).reshape(rows * cols, cfg.z_dim)

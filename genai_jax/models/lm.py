@@ -93,7 +93,7 @@ def build(config, data_info: dict) -> Family:
         return loss, {}
 
     def eval_step(state: TrainState, batch) -> dict:
-        params = state.ema if state.ema is not None else state.params
+        params = state.eval_params
         loss, _ = loss_fn(params, batch, None)
         return {"loss": loss}
 
@@ -108,7 +108,7 @@ def build(config, data_info: dict) -> Family:
         s = config.sample
         prompts = prompts if prompts is not None else [s.prompt] * (num_samples or
                                                                     s.num_samples)
-        params = state.ema if state.ema is not None else state.params
+        params = state.eval_params
         # An empty prompt starts from the start token, like the beginning of a document.
         encoded = [tokenizer.encode(p, "the prompt") if p else [tokenizer.start_token]
                    for p in prompts]

@@ -278,7 +278,6 @@ def build(config, data_info: dict) -> Family:
     conditional, beta = config.model.conditional, config.model.beta
     tx = make_optimizer(config.train)
     labels_of = lambda batch: batch["label"] if conditional else None
-    eval_params = lambda state: state.ema if state.ema is not None else state.params
 
     def init(rng: jax.Array) -> TrainState:
         params_rng, state_rng = jax.random.split(rng)
@@ -294,7 +293,7 @@ def build(config, data_info: dict) -> Family:
                       "reconstruction": -jnp.mean(log_px)}
 
     def eval_step(state: TrainState, batch) -> dict:
-        params, labels = eval_params(state), labels_of(batch)
+        params, labels = state.eval_params, labels_of(batch)
         # Fixed keys: the same model on the same batches always gets the same bounds.
         elbo_rng, iw_rng = jax.random.split(jax.random.PRNGKey(config.seed + 1))
         stochastic = config.eval.binarize == "stochastic"
@@ -310,7 +309,7 @@ def build(config, data_info: dict) -> Family:
     def generate(state: TrainState, rng: jax.Array, labels: jax.Array) -> jax.Array:
         z_rng, x_rng = jax.random.split(rng)
         z = jax.random.normal(z_rng, (labels.shape[0], config.model.latent_dim))
-        loc, log_scale = vae.decode(eval_params(state), z, labels if conditional else None)
+        loc, log_scale = vae.decode(state.eval_params, z, labels if conditional else None)
         if config.sample.mean and vae.kind == "image":
             return vae.mean(loc)
         return vae.draw(x_rng, loc, log_scale)
@@ -321,13 +320,13 @@ def build(config, data_info: dict) -> Family:
                                    ema_decay=config.train.ema_decay,
                                    schedule=learning_rate_schedule(config.train)),
         eval_step=eval_step, generate=generate,
-        extras=_extras(config, data_info, vae, eval_params, generate))
+        extras=_extras(config, data_info, vae, generate))
 
 
 # ----------------------------------------------------------------------------- pictures
 
 
-def _extras(config, data_info: dict, vae: VAE, eval_params, generate):
+def _extras(config, data_info: dict, vae: VAE, generate):
     """`extras(state, rng, directory, step) -> {name: path}`: reconstructions, latent
     traversals and interpolations of held-out images as PNG grids (images only).
 
@@ -352,7 +351,7 @@ def _extras(config, data_info: dict, vae: VAE, eval_params, generate):
         return images.to_uint8(generate(state, rng, jnp.asarray(labels))), labels
 
     def extras(state, rng: jax.Array, directory: pathlib.Path, step: int) -> dict[str, str]:
-        directory, params = pathlib.Path(directory), eval_params(state)
+        directory, params = pathlib.Path(directory), state.eval_params
         x_uint8, labels = held_out(state, rng, max(n_stats, n_recon, 2 * s.interpolation_pairs))
         x = vae.inputs(jnp.asarray(x_uint8))
         y = jnp.asarray(labels) if conditional else None

@@ -32,6 +32,11 @@ class TrainState:
         return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                    ema=jax.tree.map(jnp.copy, params) if ema_decay > 0 else None, rng=rng)
 
+    @property
+    def eval_params(self):
+        """The parameters to evaluate and sample with: the EMA when one is kept."""
+        return self.params if self.ema is None else self.ema
+
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, accum_steps: int = 1,
                     ema_decay: float = 0.0, schedule: optax.Schedule | None = None):
