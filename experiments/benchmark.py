@@ -36,8 +36,13 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments.common import config_from_flag, parse_flags, user_errors_as_one_line
-from genai_jax import models
+from experiments.common import (
+    config_from_flag,
+    parse_flags,
+    start_distributed,
+    user_errors_as_one_line,
+)
+from genai_jax import models, parallel
 from genai_jax.train import prepare
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file",
@@ -87,6 +92,7 @@ def run_peer(path: str, cfg) -> float:
 @user_errors_as_one_line
 def main(argv):
     del argv
+    start_distributed()
     cfg = config_from_flag(_CONFIG)
     logging.set_verbosity(logging.WARNING)
     with tempfile.TemporaryDirectory() as workdir:
@@ -97,6 +103,7 @@ def main(argv):
         t0 = time.perf_counter()
         step_fn = run.jit_train_step().lower(run.state, batch).compile()
         compile_s = time.perf_counter() - t0
+        state_bytes = parallel.bytes_per_device(run.state)
         state, metrics = step_fn(run.state, batch)
         jax.block_until_ready(metrics)
         tokens_per_step = cfg.train.batch_size * run.family.tokens_per_example
@@ -136,6 +143,12 @@ def main(argv):
         "config": config_flags.get_config_filename(flags.FLAGS["config"]),
         "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
         "jax": jax.__version__, "num_devices": jax.device_count(),
+        "mesh": dict(run.mesh.shape),
+        # the training state (parameters, optimizer state, EMA) each device holds, from the
+        # arrays' shards; and the compiled step's scratch memory per device, from XLA
+        "state_bytes_per_device": max(state_bytes.values()),
+        "state_bytes_total": sum(state_bytes.values()),
+        "step_temp_bytes_per_device": _temp_bytes(step_fn),
         f"train_{unit}_per_s": per_s, f"train_{unit}_per_s_rounds": ours,
         "step_ms": 1000 * tokens_per_step / per_s,
         "first_step_compile_s": compile_s,
@@ -154,6 +167,11 @@ def main(argv):
         result.update(peer_tokens_per_s=statistics.median(peer), peer_tokens_per_s_rounds=peer,
                       speedup_vs_peer=statistics.median(np.array(ours) / np.array(peer)))
     print(json.dumps(result))
+
+
+def _temp_bytes(compiled) -> int | None:
+    analysis = compiled.memory_analysis()
+    return None if analysis is None else int(analysis.temp_size_in_bytes)
 
 
 def run():

@@ -1,16 +1,77 @@
-"""What every experiment entry point shares: user errors as one line, the saved config."""
+"""What every experiment entry point shares: user errors as one line, the saved config, the
+multi-host start and the mesh of a run read back from its workdir."""
 
 from __future__ import annotations
 
 import functools
+import os
 import pathlib
 import sys
 
-from absl import flags
+import jax
+from absl import flags, logging
 from ml_collections import config_flags
 
 from genai_jax import config as config_lib
+from genai_jax import parallel
 from genai_jax.errors import UserError
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
+
+
+# Multi-host runs: every process runs the same command with its own --process_id (or the
+# environment variables a launcher sets), or with --cluster_detect under SLURM, Open MPI,
+# Kubernetes or on a Cloud TPU pod slice.
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
+    "host:port of process 0 for a multi-process run (env JAX_COORDINATOR_ADDRESS)")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", _env_int("JAX_NUM_PROCESSES"),
+    "number of processes of a multi-process run (env JAX_NUM_PROCESSES)")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", _env_int("JAX_PROCESS_ID"),
+    "this process's index in [0, num_processes) (env JAX_PROCESS_ID)")
+_CLUSTER_DETECT = flags.DEFINE_bool(
+    "cluster_detect", False, "start jax.distributed with JAX's detection of the cluster "
+    "(SLURM, Open MPI, Kubernetes, Cloud TPU) instead of the three flags above")
+
+
+def start_distributed() -> None:
+    """Connect to the other processes of a multi-process run (nothing for one process)."""
+    parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                        cluster_detect=_CLUSTER_DETECT.value)
+
+
+def define_mesh_flag():
+    return flags.DEFINE_string(
+        "mesh", None, "DATA,FSDP,TENSOR mesh to load the run onto, e.g. 1,1,1 for one device "
+        "(default: the run's own mesh when the devices fit it, else every device on data)")
+
+
+def with_mesh(config, mesh_flag: str | None):
+    """`config` (read from a workdir) with the mesh of `--mesh`, or, when the run's own mesh
+    does not fit the devices here (a checkpoint of 8 devices sampled on one), every device on
+    the data axis: checkpoints restore onto any mesh."""
+    if mesh_flag:
+        try:
+            sizes = [int(v) for v in mesh_flag.split(",")]
+        except ValueError:
+            sizes = []
+        if len(sizes) != len(parallel.AXES):
+            raise UserError(f"--mesh={mesh_flag}: give three sizes DATA,FSDP,TENSOR, e.g. 1,1,8")
+    else:
+        try:
+            parallel.mesh_shape(config.mesh, jax.device_count())
+            return config
+        except parallel.MeshError as e:
+            logging.warning("%s: loading the run with every device on the data axis", e)
+            sizes = [-1, 1, 1]
+    with config.unlocked():
+        config.mesh.update(dict(zip(parallel.AXES, sizes, strict=True)))
+    return config
 
 
 def user_errors_as_one_line(main):

@@ -16,9 +16,17 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import jax
 from absl import app, flags, logging
 
-from experiments.common import load_workdir_config, parse_flags, user_errors_as_one_line
+from experiments.common import (
+    define_mesh_flag,
+    load_workdir_config,
+    parse_flags,
+    start_distributed,
+    user_errors_as_one_line,
+    with_mesh,
+)
 from genai_jax import models
 from genai_jax.data import images, sequential_batches
 from genai_jax.errors import UserError
@@ -31,6 +39,7 @@ _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 0, "samples for the sample-ba
 _SET = flags.DEFINE_multi_string("set", [], "eval.KEY=VALUE or sample.KEY=VALUE: change a setting "
                                  "of the saved config for this evaluation, e.g. "
                                  "--set=eval.binarize=stochastic (VAE), --set=sample.guidance=3")
+_MESH = define_mesh_flag()
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -61,12 +70,13 @@ def set_eval_keys(config, assignments: list[str]) -> None:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    config = load_workdir_config(_WORKDIR.value)
+    start_distributed()
+    config = with_mesh(load_workdir_config(_WORKDIR.value), _MESH.value)
     if _NUM_SAMPLES.value and "num_samples" in config.eval:
         config.unlock().eval.num_samples = _NUM_SAMPLES.value
         config.lock()
     set_eval_keys(config, _SET.value)  # prepare() validates the result
-    run = prepare(config, _WORKDIR.value)
+    run = prepare(config, _WORKDIR.value, read_only=True)
     batch = config.eval.batch_size or config.train.batch_size
     if models.modality(config.model.family) == "text":
         batches = sequential_batches(run.pipeline.info["validation_tokens"], batch,
@@ -78,7 +88,8 @@ def main(argv):
         extent = {"heldout_examples": len(batches) * batch}
     run.pipeline = dataclasses.replace(run.pipeline, eval=batches)
     metrics = run.evaluate()
-    print(json.dumps({"step": run.start_step, **extent, **metrics}))
+    if jax.process_index() == 0:
+        print(json.dumps({"step": run.start_step, **extent, **metrics}))
 
 
 def run():

@@ -12,7 +12,14 @@ from __future__ import annotations
 import jax
 from absl import app, flags, logging
 
-from experiments.common import load_workdir_config, parse_flags, user_errors_as_one_line
+from experiments.common import (
+    define_mesh_flag,
+    load_workdir_config,
+    parse_flags,
+    start_distributed,
+    user_errors_as_one_line,
+    with_mesh,
+)
 from genai_jax.train import prepare
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a directory written by experiments.train")
@@ -25,6 +32,7 @@ _NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "images to generate (im
 _LABEL = flags.DEFINE_multi_integer("label", None, "classes to draw, cycled to --num_samples "
                                     "(conditional models)")
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
+_MESH = define_mesh_flag()
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -32,7 +40,9 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    run = prepare(load_workdir_config(_WORKDIR.value), _WORKDIR.value)
+    start_distributed()
+    run = prepare(with_mesh(load_workdir_config(_WORKDIR.value), _MESH.value), _WORKDIR.value,
+                  read_only=True)
     if run.start_step == 0:
         logging.warning("%s has no checkpoint: sampling from an untrained model", _WORKDIR.value)
     options = {"prompts": _PROMPT.value, "max_new_tokens": _NEW.value,
@@ -40,7 +50,8 @@ def main(argv):
                "num_samples": _NUM_SAMPLES.value, "labels": _LABEL.value}
     outputs = run.family.sample(run.state, jax.random.PRNGKey(_SEED.value),
                                 **{k: v for k, v in options.items() if v is not None})
-    print(run.family.save_samples(outputs, str(run.workdir / "samples"), run.start_step))
+    if jax.process_index() == 0:
+        print(run.family.save_samples(outputs, str(run.workdir / "samples"), run.start_step))
 
 
 def run():

@@ -9,7 +9,12 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments.common import config_from_flag, parse_flags, user_errors_as_one_line
+from experiments.common import (
+    config_from_flag,
+    parse_flags,
+    start_distributed,
+    user_errors_as_one_line,
+)
 from genai_jax.train import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file",
@@ -22,14 +27,18 @@ flags.mark_flags_as_required(["config", "workdir"])
 @user_errors_as_one_line
 def main(argv):
     del argv
+    start_distributed()
     config = config_from_flag(_CONFIG)
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # the progress bar and metrics.jsonl say enough
     run = train(config, _WORKDIR.value)
-    if _SAMPLE.value and jax.process_index() == 0:
+    if _SAMPLE.value and run.start_step >= config.train.steps:  # not after a preemption
+        # Every process samples (the parameters are spread over all of them); one writes.
         outputs = run.family.sample(run.state, jax.random.PRNGKey(config.seed))
-        summary = run.family.save_samples(outputs, str(run.workdir / "samples"), run.start_step)
-        print(f"\nsample at step {run.start_step}:\n{summary}")
+        if jax.process_index() == 0:
+            summary = run.family.save_samples(outputs, str(run.workdir / "samples"),
+                                              run.start_step)
+            print(f"\nsample at step {run.start_step}:\n{summary}")
 
 
 def run():

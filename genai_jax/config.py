@@ -23,7 +23,7 @@ class ConfigError(UserError):
 def base_config(family: str = "transformer") -> ml_collections.ConfigDict:
     """Defaults every experiment shares, with `family`'s model and sampling defaults and its
     data modality's data defaults (`genai_jax.models.FAMILIES`)."""
-    from genai_jax import data, models
+    from genai_jax import data, models, parallel
 
     defaults = models.module(family).config_defaults()
     c = ml_collections.ConfigDict()
@@ -37,7 +37,9 @@ def base_config(family: str = "transformer") -> ml_collections.ConfigDict:
     # eval.batch_size 0: train.batch_size
     c.eval = dict(every=250, steps=20, batch_size=0, **defaults.get("eval", {}))
     c.checkpoint = dict(every=500, keep=3, async_save=True)
-    c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    # Mesh axis sizes (-1: the remaining devices) and the logical-axis -> mesh-axes rules
+    # (comma-separated mesh axes, "" = replicated), e.g. --config.mesh.rules.embed=tensor.
+    c.mesh = dict(data=-1, fsdp=1, tensor=1, rules=parallel.rules_as_config())
     c.sample = defaults["sample"]
     return c
 
@@ -77,7 +79,7 @@ def check_positive(config, keys) -> None:
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raise ConfigError for the first impossible value found: the keys every experiment has
     here, then the family's own (`validate` of its module)."""
-    from genai_jax import models
+    from genai_jax import models, parallel
 
     if config.model.family not in models.FAMILIES:
         raise ConfigError(f"model.family={config.model.family!r} is not one of "
@@ -104,11 +106,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
                           "in (0, 1)")
     if config.data.path and not pathlib.Path(config.data.path).expanduser().exists():
         raise ConfigError(f"data.path {config.data.path!r} does not exist")
+    parallel.rules_from_config(config.mesh)
     models.module(config.model.family).validate(config)
 
 
 def save(config: ml_collections.ConfigDict, path: pathlib.Path) -> None:
-    path.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    """Write `config` as JSON, atomically (other processes of a run may be reading it)."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
 
 
 def load(path: pathlib.Path) -> ml_collections.ConfigDict:

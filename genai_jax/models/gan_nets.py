@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from genai_jax.nn.layers import Dense, matmul, param
+from genai_jax.nn.layers import IMAGE, Dense, lookup, matmul, param
+from genai_jax.parallel import constrain, gathered
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,13 +92,14 @@ class Weight(nnx.Module):
     """A weight (kernel or embedding table), divided by its spectral norm when `u` is kept."""
 
     def __init__(self, shape, axes, init, *, spectral_norm: bool, rngs: nnx.Rngs):
+        self.axes = tuple(axes)
         self.kernel = param(rngs, init, shape, axes, jnp.float32)
         self.u = (SpectralVector(_unit(jax.random.normal(rngs.params(), (shape[-1],))),
                                  out_sharding=(axes[-1],), eager_sharding=False)
                   if spectral_norm else None)
 
     def __call__(self) -> jax.Array:
-        kernel = self.kernel[...]
+        kernel = gathered(self.kernel[...], self.axes)
         return kernel if self.u is None else kernel / spectral_sigma(kernel, self.u[...])
 
 
@@ -148,7 +150,7 @@ class Conv(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.downsample:
             x = space_to_depth(x)
-        return conv(x, self.weight()) + self.bias[...]
+        return constrain(conv(x, self.weight()) + self.bias[...], IMAGE)
 
 
 class DDense(nnx.Module):
@@ -194,13 +196,13 @@ class Discriminator(nnx.Module):
         h = x
         for layer in self.layers:
             h = jax.nn.leaky_relu(layer(h), 0.2)
-        return h.reshape(h.shape[0], -1)
+        return constrain(h.reshape(h.shape[0], -1), ("batch", None))
 
     def __call__(self, x: jax.Array, labels: jax.Array) -> jax.Array:
         phi = self.features(x)
         logits = self.head(phi)[:, 0]
         if self.embed is not None:
-            logits = logits + jnp.sum(jnp.take(self.embed(), labels, axis=0) * phi, axis=-1)
+            logits = logits + jnp.sum(lookup(self.embed(), labels) * phi, axis=-1)
         return logits
 
 
@@ -224,7 +226,7 @@ class LabelledLatent(nnx.Module):
     def __call__(self, z: jax.Array, labels: jax.Array) -> jax.Array:
         if self.table is None:
             return z
-        return jnp.concatenate([z, jnp.take(self.table[...], labels, axis=0)], axis=-1)
+        return jnp.concatenate([z, lookup(self.table[...], labels)], axis=-1)
 
 
 class ConvGenerator(nnx.Module):
@@ -242,7 +244,8 @@ class ConvGenerator(nnx.Module):
         self.pixel_norm = cfg.g_norm == "pixelnorm"
 
     def __call__(self, z: jax.Array, labels: jax.Array) -> jax.Array:
-        h = self._activate(self.project(self.latent(z, labels)))  # [batch, side, side, width]
+        h = constrain(self.project(self.latent(z, labels)), IMAGE)  # [batch, side, side, width]
+        h = self._activate(h)
         for up in self.ups:
             h = self._activate(depth_to_space(up(h)))  # twice the side, half the width
         return jnp.tanh(self.out(h))

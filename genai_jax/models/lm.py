@@ -14,7 +14,7 @@ from genai_jax import config as config_lib
 from genai_jax.config import ConfigError
 from genai_jax.evaluation.lm import lm_metrics
 from genai_jax.models.family import Family
-from genai_jax.models.transformer import Transformer, TransformerConfig, init_cache
+from genai_jax.models.transformer import REMAT_POLICIES, Transformer, TransformerConfig, init_cache
 from genai_jax.nn import IMPLEMENTATIONS
 from genai_jax.sampling.decode import generate
 from genai_jax.train.optim import learning_rate_schedule, make_optimizer
@@ -26,7 +26,7 @@ def config_defaults() -> dict:
         "model": dict(block_size=64, num_layers=4, num_heads=4, num_kv_heads=0, embed_dim=128,
                       mlp_ratio=4.0, mlp="gelu", norm="layernorm", position="learned",
                       use_bias=True, tie_embeddings=True, dropout=0.0, attention="xla",
-                      dtype="float32", param_dtype="float32"),
+                      dtype="float32", param_dtype="float32", remat="none"),
         "sample": dict(prompt="", num_samples=1, max_new_tokens=200, temperature=0.8, top_k=0,
                        top_p=1.0),
     }
@@ -39,6 +39,7 @@ def validate(config) -> None:
         "model.norm": ("layernorm", "rmsnorm"),
         "model.position": ("learned", "rotary"),
         "model.attention": IMPLEMENTATIONS,
+        "model.remat": tuple(REMAT_POLICIES),
         "model.dtype": ("float32", "bfloat16", "float16"),
         "model.param_dtype": ("float32", "bfloat16"),
         "data.tokenizer": ("byte", "char"),

@@ -18,7 +18,20 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from genai_jax.nn import MLP, Dense, Embed, LayerNorm, dot_product_attention, param, rotary
+from genai_jax.nn import MLP, Dense, Embed, LayerNorm, dot_product_attention, lookup, param, rotary
+from genai_jax.parallel import constrain
+
+# Activation rematerialisation per block (`model.remat`): what the backward pass keeps from the
+# forward pass instead of recomputing it.
+REMAT_POLICIES = {
+    "none": None,  # no remat: keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each block's input
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+}
+# Activations: the batch over the data-parallel axes; heads, the MLP hidden layer and the
+# vocabulary over `tensor`; the residual stream replicated within a tensor-parallel group.
+RESIDUAL, HEADS, LOGITS = ("batch", None, None), ("batch", None, "heads", None), (
+    "batch", None, "vocab")
 
 Cache = list[dict[str, jax.Array]]
 
@@ -39,6 +52,7 @@ class TransformerConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     attention: str = "xla"  # xla | cudnn | pallas
+    remat: str = "none"  # none | full | dots (REMAT_POLICIES)
     dtype: str = "float32"
     param_dtype: str = "float32"
 
@@ -78,12 +92,12 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, positions: jax.Array,
                  cache: dict[str, jax.Array] | None = None):
         """x: `[batch, seq, embed]`; positions: `[batch, seq]`. Returns (y, updated cache)."""
-        q, k, v = self.q(x), self.k(x), self.v(x)
+        q, k, v = (constrain(f(x), HEADS) for f in (self.q, self.k, self.v))
         if self.cfg.position == "rotary":
             q, k = rotary(q, positions), rotary(k, positions)
         if cache is None:
             y = dot_product_attention(q, k, v, causal=True, implementation=self.cfg.attention)
-            return self.out(y), None
+            return self.out(constrain(y, HEADS)), None
         # Write this chunk's keys/values at each row's own position; each row then attends to
         # its cache up to the query's position (later slots hold stale or no data).
         write = jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice(c, u, (s, 0, 0)))
@@ -112,8 +126,8 @@ class Block(nnx.Module):
     def __call__(self, x, positions, cache=None, rng=None):
         r1, r2 = jax.random.split(rng) if rng is not None else (None, None)
         y, cache = self.attn(self.norm1(x), positions, cache)
-        x = x + _dropout(y, self.dropout, r1)
-        x = x + _dropout(self.mlp(self.norm2(x)), self.dropout, r2)
+        x = constrain(x + _dropout(y, self.dropout, r1), RESIDUAL)
+        x = constrain(x + _dropout(self.mlp(self.norm2(x)), self.dropout, r2), RESIDUAL)
         return x, cache
 
 
@@ -152,17 +166,26 @@ class Transformer(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = self.embed(tokens)
         if self.pos_embed is not None:
-            x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(x.dtype)
+            x = x + lookup(self.pos_embed[...], positions, rows=None).astype(x.dtype)
         rngs = [None] * (len(self.blocks) + 1) if rng is None else list(
             jax.random.split(rng, len(self.blocks) + 1))
-        x = _dropout(x, self.cfg.dropout, rngs[-1])
+        x = constrain(_dropout(x, self.cfg.dropout, rngs[-1]), RESIDUAL)
+        policy = REMAT_POLICIES[self.cfg.remat]
+        if cache is None and policy is not None:
+            run_block = nnx.remat(lambda blk, x, pos, r: blk(x, pos, None, r), policy=policy)
+        else:
+            run_block = lambda blk, x, pos, r: blk(x, pos, None, r)
         new_cache = []
         for i, block in enumerate(self.blocks):
-            x, layer_cache = block(x, positions, None if cache is None else cache[i], rngs[i])
+            if cache is None:
+                x, layer_cache = run_block(block, x, positions, rngs[i])
+            else:
+                x, layer_cache = block(x, positions, cache[i], rngs[i])
             new_cache.append(layer_cache)
         x = self.norm(x)
         logits = self.embed.attend(x) if self.head is None else self.head(x)
-        return logits.astype(jnp.float32), (None if cache is None else new_cache)
+        return constrain(logits.astype(jnp.float32), LOGITS), (
+            None if cache is None else new_cache)
 
 
 

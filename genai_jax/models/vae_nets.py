@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from genai_jax.nn.layers import Conv, Dense, param
+from genai_jax.nn.layers import VECTOR, Conv, Dense, lookup, param
+from genai_jax.parallel import constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +92,7 @@ class ConvEncoder(nnx.Module):
         x = x.reshape(x.shape[0], -1)
         if label_emb is not None:
             x = jnp.concatenate([x, label_emb.astype(x.dtype)], axis=-1)
-        return jax.nn.silu(self.hidden(x))
+        return jax.nn.silu(self.hidden(constrain(x, VECTOR)))
 
 
 def depth_to_space(x: jax.Array, s: int) -> jax.Array:
@@ -131,7 +132,8 @@ class ConvDecoder(nnx.Module):
     def __call__(self, z: jax.Array, label_emb: jax.Array | None) -> jax.Array:
         if label_emb is not None:
             z = jnp.concatenate([z, label_emb.astype(z.dtype)], axis=-1)
-        x = self.project(jax.nn.silu(self.hidden(z))).reshape(z.shape[0], *self.low)
+        h = jax.nn.silu(self.hidden(constrain(z, VECTOR)))
+        x = self.project(h).reshape(z.shape[0], *self.low)
         for blocks, up, s in zip(self.blocks, self.ups, self.strides, strict=True):
             for block in blocks:
                 x = block(x)
@@ -151,7 +153,7 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array, label_emb: jax.Array | None) -> jax.Array:
         if label_emb is not None:
-            x = jnp.concatenate([x, label_emb.astype(x.dtype)], axis=-1)
+            x = constrain(jnp.concatenate([x, label_emb.astype(x.dtype)], axis=-1), VECTOR)
         for layer in self.layers:
             x = jax.nn.silu(layer(x))
         return self.out(x).astype(jnp.float32)
@@ -188,7 +190,7 @@ class VAENets(nnx.Module):
     def _embed(self, labels: jax.Array | None) -> jax.Array | None:
         if self.label_embed is None:
             return None
-        return jnp.take(self.label_embed[...], labels, axis=0)
+        return lookup(self.label_embed[...], labels)
 
     def encode(self, x: jax.Array, labels: jax.Array | None = None):
         h = self.encoder(x, self._embed(labels))

@@ -14,6 +14,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from genai_jax.parallel import constrain, gathered
+
+# Activations of image models under a mesh, `[batch, height, width, channels]` and
+# `[batch, features]`: split over the batch only (FSDP all-gathers the weights instead).
+IMAGE, VECTOR = ("batch", None, None, None), ("batch", None)
+
 Initializer = nnx.initializers.Initializer
 
 
@@ -67,7 +73,7 @@ class Dense(nnx.Module):
                  axes: Sequence[str | None], use_bias: bool = True, stddev: float = 0.02,
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         in_shape, out_shape = tuple(in_shape), tuple(out_shape)
-        self.n_in = len(in_shape)
+        self.n_in, self.axes = len(in_shape), tuple(axes)
         self.dtype = dtype
         self.kernel = param(rngs, nnx.initializers.normal(stddev), in_shape + out_shape, axes,
                             param_dtype)
@@ -75,13 +81,20 @@ class Dense(nnx.Module):
                      if use_bias else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.kernel[...].astype(self.dtype)
+        kernel = gathered(self.kernel[...], self.axes).astype(self.dtype)
         batch_shape, out_shape = x.shape[:x.ndim - self.n_in], kernel.shape[self.n_in:]
         x2 = x.astype(self.dtype).reshape(-1, math.prod(kernel.shape[:self.n_in]))
         y = matmul(x2, kernel.reshape(x2.shape[1], -1)).reshape(*batch_shape, *out_shape)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
+
+
+def lookup(table: jax.Array, ids: jax.Array, rows: str | None = "vocab") -> jax.Array:
+    """`table[ids]` for an embedding table `[rows, dim]`. Under a mesh the lookup reads a table
+    all-gathered over its `dim` (FSDP splits the batch instead, and a gather cannot keep both)
+    and still split over `rows` (the vocabulary, for tensor parallelism)."""
+    return jnp.take(constrain(table, (rows, None)), ids, axis=0)
 
 
 class Embed(nnx.Module):
@@ -94,7 +107,7 @@ class Embed(nnx.Module):
                                ("vocab", "embed"), param_dtype)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+        return lookup(self.embedding[...], tokens).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         return x @ self.embedding[...].astype(self.dtype).T
@@ -142,6 +155,8 @@ class MLP(nnx.Module):
             h = jax.nn.silu(self.gate(x)) * self.up(x)
         else:
             h = gelu(self.up(x))
+        # Tensor parallelism: the hidden layer stays split over `mlp` between the two matmuls.
+        h = constrain(h, ("batch",) + (None,) * (h.ndim - 2) + ("mlp",))
         return self.down(h)
 
 
@@ -220,13 +235,15 @@ class Conv(nnx.Module):
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.stride, self.padding, self.transpose, self.dtype = stride, padding, transpose, dtype
         init = init or nnx.initializers.lecun_normal()
+        self.axes = (None, None, "conv_in", "conv_out")
         self.kernel = param(rngs, init, (kernel_size, kernel_size, in_features, out_features),
-                            (None, None, "conv_in", "conv_out"), param_dtype)
+                            self.axes, param_dtype)
         self.bias = (param(rngs, nnx.initializers.zeros, (out_features,), ("conv_out",),
                            param_dtype) if use_bias else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x, kernel = x.astype(self.dtype), self.kernel[...].astype(self.dtype)
+        x = x.astype(self.dtype)
+        kernel = gathered(self.kernel[...], self.axes).astype(self.dtype)
         if self.transpose:
             y = jax.lax.conv_transpose(x, kernel, (self.stride,) * 2, self.padding,
                                        dimension_numbers=_DIMS)
@@ -237,7 +254,7 @@ class Conv(nnx.Module):
                                              dimension_numbers=_DIMS)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
-        return y
+        return constrain(y, IMAGE)
 
 
 class GroupNorm(nnx.Module):

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from genai_jax.nn.attention import dot_product_attention
-from genai_jax.nn.layers import Conv, Dense, Embed, GroupNorm, LayerNorm
+from genai_jax.nn.layers import VECTOR, Conv, Dense, Embed, GroupNorm, LayerNorm
+from genai_jax.parallel import constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +65,7 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0) -> 
     freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
     args = t.astype(jnp.float32)[:, None] * freqs[None]
     emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
-    return jnp.pad(emb, [(0, 0), (0, dim % 2)])
+    return constrain(jnp.pad(emb, [(0, 0), (0, dim % 2)]), VECTOR)
 
 
 class TimeEmbedding(nnx.Module):

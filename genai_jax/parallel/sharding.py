@@ -7,6 +7,8 @@ parameters). One table maps those names to mesh axes, so sharding is data, not m
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -14,19 +16,55 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-# logical name -> mesh axis (or axes) it is split over; a name not listed is replicated.
-# FSDP shards the model dimension of every weight; tensor parallelism splits heads and the MLP
-# hidden dimension (Megatron); the batch is split over data and fsdp.
+from genai_jax.parallel.mesh import AXES, MeshError
+
+Rules = Mapping[str, "str | tuple[str, ...] | None"]
+
+# logical name -> mesh axes it is split over, in order of preference; a name not listed is
+# replicated. The batch is split over data and fsdp. Tensor parallelism splits heads and the MLP
+# hidden dimension (Megatron). FSDP splits the model dimension of every weight, and the other
+# dimension of the arrays that have no model dimension (biases of heads and of the MLP), so
+# each device holds 1/fsdp of every parameter. An array uses each mesh axis at most once, its
+# dimensions taking their axes left to right. `config.mesh.rules` overrides entries.
 DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": ("data", "fsdp"),
     "embed": "fsdp",
-    "mlp": "tensor",
+    "mlp": ("tensor", "fsdp"),
     "heads": "tensor",
-    "kv": None,
+    "kv": "fsdp",
     "vocab": "tensor",
-    "conv_in": None,
+    "conv_in": "fsdp",
     "conv_out": "fsdp",
 }
+
+
+def _axes(entry) -> tuple[str, ...]:
+    """The mesh axes of a rule or PartitionSpec entry (None, one name or a tuple of names)."""
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
+def _entry(axes) -> str | tuple[str, ...] | None:
+    """The rule or PartitionSpec entry of a list of mesh axes."""
+    return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
+
+
+def rules_as_config(rules: Rules = DEFAULT_RULES) -> dict[str, str]:
+    """The rules as config strings: mesh axes joined by commas, "" for replicated."""
+    return {name: ",".join(_axes(axes)) for name, axes in rules.items()}
+
+
+def rules_from_config(mesh_cfg) -> dict[str, str | tuple[str, ...] | None]:
+    """The rules table of `config.mesh.rules` (`{"embed": "fsdp", "batch": "data,fsdp",
+    "kv": ""}`); names it leaves out keep their default."""
+    rules = dict(DEFAULT_RULES)
+    for name, value in dict(mesh_cfg.get("rules", None) or {}).items():
+        axes = tuple(a.strip() for a in str(value).split(",") if a.strip())
+        unknown = [a for a in axes if a not in AXES]
+        if unknown or len(set(axes)) < len(axes):
+            raise MeshError(f"mesh.rules.{name}={value!r}: give distinct mesh axes from "
+                            f"{list(AXES)}, comma-separated ('' = replicated)")
+        rules[name] = _entry(axes)
+    return rules
 
 
 def logical_axes(tree):
@@ -41,21 +79,19 @@ def logical_axes(tree):
 
 def spec_for(axes: Sequence[str | None] | None, shape: Sequence[int], mesh: jax.sharding.Mesh,
              rules: Mapping[str, str | tuple[str, ...] | None]) -> PartitionSpec:
-    """The PartitionSpec of one array; a dimension the mesh axes do not divide is replicated,
-    and a mesh axis is used at most once per array."""
+    """The PartitionSpec of one array. Each dimension takes the longest prefix of its rule's
+    mesh axes (skipping axes of size 1 and axes an earlier dimension took) whose sizes divide it,
+    so a dimension the mesh does not divide is split less or replicated, never refused."""
     if not axes:
         return PartitionSpec()
     used, spec = set(), []
     for name, dim in zip(axes, shape, strict=True):
-        mesh_axes = rules.get(name) if name else None
-        mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
-        mesh_axes = tuple(a for a in mesh_axes if a not in used and mesh.shape[a] > 1)
-        size = int(np.prod([mesh.shape[a] for a in mesh_axes])) if mesh_axes else 1
-        if not mesh_axes or dim % size:
-            spec.append(None)
-            continue
+        mesh_axes = [a for a in _axes(rules.get(name) if name else None)
+                     if a not in used and mesh.shape[a] > 1]
+        while mesh_axes and dim % int(np.prod([mesh.shape[a] for a in mesh_axes])):
+            mesh_axes.pop()
         used.update(mesh_axes)
-        spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+        spec.append(_entry(mesh_axes))
     return PartitionSpec(*spec)
 
 
@@ -76,6 +112,62 @@ def batch_sharding(mesh: jax.sharding.Mesh, rules=DEFAULT_RULES) -> NamedShardin
     """Leading (batch) dimension split over the data-parallel axes."""
     axes = rules["batch"]
     return NamedSharding(mesh, PartitionSpec(axes))
+
+
+# The mesh and rules that `constrain` applies while a step is traced (see `activations`).
+_ACTIVE: contextvars.ContextVar[tuple[jax.sharding.Mesh, Rules] | None] = (
+    contextvars.ContextVar("genai_jax_activation_sharding", default=None))
+
+
+@contextlib.contextmanager
+def activations(mesh: jax.sharding.Mesh, rules: Rules = DEFAULT_RULES):
+    """While this is active, `constrain` in model code pins activations to `mesh` by `rules`;
+    outside it (e.g. in a sampler traced without a mesh) `constrain` does nothing."""
+    token = _ACTIVE.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """`x` with its sharding pinned by logical `axes` (one name or None per dimension).
+
+    Model code marks the activations whose sharding the compiler cannot infer well from the
+    parameters (the residual stream, attention heads, the MLP hidden layer, the logits), so that
+    tensor parallelism splits heads and the MLP the Megatron way and the batch stays split over
+    the data-parallel axes, instead of GSPMD resharding whole tensors between layers.
+    """
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    return jax.lax.with_sharding_constraint(
+        x, NamedSharding(mesh, spec_for(axes, x.shape, mesh, rules)))
+
+
+def gathered(w: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """A weight as a layer computes with it: all-gathered over the mesh axes the batch is split
+    over (FSDP stores 1/fsdp of each weight and gathers it just before use), still split over
+    the others (tensor parallelism). Without this the compiler may instead split the
+    contraction over `fsdp` and reshard the batch-split activations to match."""
+    active = _ACTIVE.get()
+    if active is None:
+        return w
+    mesh, rules = active
+    batch_axes = set(_axes(rules.get("batch")))
+    spec = [_entry([a for a in _axes(entry) if a not in batch_axes])
+            for entry in spec_for(axes, w.shape, mesh, rules)]
+    return jax.lax.with_sharding_constraint(w, NamedSharding(mesh, PartitionSpec(*spec)))
+
+
+def bytes_per_device(tree) -> dict:
+    """Bytes of `tree`'s arrays that each (addressable) device holds, measured from the shards."""
+    held: dict = {}
+    for leaf in jax.tree.leaves(tree):
+        for shard in getattr(leaf, "addressable_shards", ()):
+            held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+    return held
 
 
 def process_rows(rows, process_index: int | None = None, process_count: int | None = None):

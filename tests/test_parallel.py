@@ -1,0 +1,292 @@
+"""Sharded training on a named mesh: the same training on every layout, FSDP's memory split, a
+checkpoint restored onto another mesh, several processes, and bad meshes refused up front.
+
+Simulated devices need their own process (the device count is fixed when JAX starts), so the
+sharded runs happen in subprocesses (`tests/sharded_runs.py`), one per device count, shared by
+the tests below.
+
+Tolerance of "the same losses": a sharded step computes the same math with its reductions
+(gradient all-reduces, sums over split dimensions) added in another order. Each reassociated
+float32 sum moves by a few ulp (~1e-7 relative), and over 20 Adam steps these stay at ~1e-6
+(measured here: at most 3e-7). `RTOL = 2e-5` is well above that, while every sharding bug we
+guard against (a missing gradient all-reduce, a gradient summed twice, rows of the batch
+dropped or duplicated, a wrong restore) changes the loss by more than 1e-3 within a few steps.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT, tiny_lm_config
+from tests.test_cli import CHAR, TINY, cli, error_line
+
+RTOL = 2e-5
+LAYOUTS = ["8,1,1", "1,8,1", "2,2,2"]  # data, fsdp, tensor
+
+
+def with_devices(env: dict, n: int) -> dict:
+    return {**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+
+
+# --- the mesh, the rules, remat: in this process --------------------------------------------
+
+
+@pytest.mark.parametrize("mesh,devices,expected", [
+    (dict(data=-1, fsdp=1, tensor=1), 8, (8, 1, 1)),
+    (dict(data=2, fsdp=-1, tensor=2), 8, (2, 2, 2)),
+    (dict(data=1, fsdp=8, tensor=1), 8, (1, 8, 1)),
+])
+def test_mesh_shape_fills_minus_one(mesh, devices, expected):
+    from genai_jax.parallel import mesh_shape
+
+    assert mesh_shape(mesh, devices) == expected
+
+
+@pytest.mark.parametrize("mesh,message", [
+    (dict(data=3, fsdp=1, tensor=1), "mesh data=3 x fsdp=1 x tensor=1 has 3 devices but there "
+                                     "are 8"),
+    (dict(data=-1, fsdp=-1, tensor=1), "at most one is -1"),
+    (dict(data=-1, fsdp=3, tensor=1), "does not divide the 8 devices"),
+    (dict(data=0, fsdp=8, tensor=1), "each axis is a positive size"),
+])
+def test_bad_mesh_names_both_counts(mesh, message):
+    from genai_jax.parallel import MeshError, mesh_shape
+
+    with pytest.raises(MeshError, match=message):
+        mesh_shape(mesh, 8)
+
+
+def test_rules_from_the_config():
+    import ml_collections
+
+    from genai_jax.parallel import MeshError, rules_from_config
+
+    mesh = ml_collections.ConfigDict({"rules": {"embed": "tensor", "batch": "data,fsdp",
+                                                "vocab": ""}})
+    rules = rules_from_config(mesh)
+    assert rules["embed"] == "tensor" and rules["batch"] == ("data", "fsdp")
+    assert rules["vocab"] is None and rules["mlp"] == ("tensor", "fsdp")  # untouched default
+    with pytest.raises(MeshError, match="mesh.rules.embed='model'"):
+        rules_from_config(ml_collections.ConfigDict({"rules": {"embed": "model"}}))
+
+
+def test_spec_takes_the_longest_dividing_prefix_and_each_axis_once():
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    from genai_jax.parallel import DEFAULT_RULES, spec_for
+
+    mesh = jax.sharding.AbstractMesh((2, 2, 2), ("data", "fsdp", "tensor"))
+    assert spec_for(("embed", "mlp"), (32, 128), mesh, DEFAULT_RULES) == P("fsdp", "tensor")
+    assert spec_for(("mlp", "embed"), (128, 32), mesh, DEFAULT_RULES) == P(("tensor", "fsdp"),
+                                                                           None)
+    assert spec_for(("mlp",), (6,), mesh, DEFAULT_RULES) == P("tensor")  # 6 % 4: tensor only
+    assert spec_for(("vocab", "embed"), (65, 32), mesh, DEFAULT_RULES) == P(None, "fsdp")
+    assert spec_for(("batch", None), (8, 3), mesh, DEFAULT_RULES) == P(("data", "fsdp"), None)
+
+
+def test_bad_rule_is_one_line(text_file, env, tmp_path):
+    proc = cli("train", f"--config={CHAR}", f"--workdir={tmp_path}", *TINY,
+               f"--config.data.path={text_file}", "--config.mesh.rules.mlp=tensor,model", env=env)
+    assert "mesh.rules.mlp='tensor,model': give distinct mesh axes" in error_line(proc)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_is_the_same_training(remat, text_file):
+    """Rematerialisation recomputes activations in the backward pass: the loss and the gradients
+    must not change (only memory and time do)."""
+    import jax
+
+    from genai_jax import data, models
+
+    def loss_and_grads(policy):
+        config = tiny_lm_config(**{"data.path": str(text_file), "model.remat": policy,
+                                   "model.dropout": 0.1})
+        family = models.build(config, data.build(config, "text", None).info)
+        state = jax.jit(family.init)(jax.random.PRNGKey(0))
+        batch = {"inputs": np.arange(64).reshape(4, 16) % 20,
+                 "targets": np.arange(1, 65).reshape(4, 16) % 20}
+        new_state, metrics = jax.jit(family.train_step)(state, batch)
+        return metrics["loss"], new_state.params
+
+    (loss, params), (loss_remat, params_remat) = loss_and_grads("none"), loss_and_grads(remat)
+    np.testing.assert_allclose(loss_remat, loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(params_remat), jax.tree.leaves(params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_distributed_start_needs_all_three_values():
+    from genai_jax.errors import UserError
+    from genai_jax.parallel import initialize
+
+    assert initialize() is False  # one process: no distributed runtime
+    assert initialize("127.0.0.1:1234", 1, 0) is False
+    with pytest.raises(UserError, match="missing: process_id"):
+        initialize("127.0.0.1:1234", 2, None)
+    with pytest.raises(UserError, match="--process_id=2 must be in"):
+        initialize("127.0.0.1:1234", 2, 2)
+
+
+# --- sharded training on 8 simulated devices ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sharded(text_file, env, tmp_path_factory):
+    """`{layout: {family: {"losses", "bytes"}}, "resharded_lm_losses": [...]}` of the runs of
+    `sharded_runs.py` on 1 and on 8 simulated devices, and the root of their workdirs."""
+    root = tmp_path_factory.mktemp("sharded")
+    results = {}
+    for devices, layouts in ((1, ["1,1,1"]), (8, ["2,2,2", *LAYOUTS[:2]])):
+        out = root / f"{devices}.json"
+        proc = subprocess.run([sys.executable, "tests/sharded_runs.py", str(out), str(text_file),
+                               str(root), *layouts], cwd=ROOT, env=with_devices(env, devices),
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert "Involuntary full rematerialization" not in proc.stderr, proc.stderr[-4000:]
+        results.update(json.loads(out.read_text()))
+    return results, root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_same_losses_on_every_layout(sharded, layout):
+    results, _ = sharded
+    for family, run in results[layout].items():
+        reference = results["1,1,1"][family]["losses"]
+        assert len(run["losses"]) == len(reference) > 1, family
+        np.testing.assert_allclose(run["losses"], reference, rtol=RTOL, err_msg=family)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["lm", "gan"])
+def test_fsdp_holds_an_eighth_of_the_state_per_device(sharded, family):
+    """Parameters, optimizer moments (and the GAN's two of each, and its EMA generator), measured
+    from the arrays' shards: each device holds 1/8, up to the few replicated scalars (step
+    counters, RNG keys), and the biggest array is split in 8 equal shards."""
+    results, _ = sharded
+    whole = results["1,1,1"][family]["bytes"]["total"]
+    held = results["1,8,1"][family]["bytes"]
+    assert len(held["per_device"]) == 8
+    assert max(held["per_device"]) <= whole / 8 + 256, (held["per_device"], whole)
+    shards = held["largest_array_shards"]
+    assert len(set(shards)) == 1 and shards[0] * 8 == max(
+        results["1,1,1"][family]["bytes"]["largest_array_shards"])
+    # data parallelism replicates everything, as it should
+    assert min(results["8,1,1"][family]["bytes"]["per_device"]) == whole
+
+
+@pytest.mark.slow
+def test_checkpoint_restores_onto_another_mesh(sharded):
+    """Trained to step 10 on fsdp=8, resumed on data=2 x fsdp=2 x tensor=2 to step 20: the
+    losses are those of the run that was never interrupted."""
+    results, _ = sharded
+    np.testing.assert_allclose(results["resharded_lm_losses"], results["1,8,1"]["lm"]["losses"],
+                               rtol=RTOL)
+
+
+@pytest.mark.slow
+def test_an_8_device_checkpoint_samples_and_evaluates_on_one_device(sharded, env):
+    _, root = sharded
+    workdir = root / "lm_1x8x1"
+    config_before = (workdir / "config.json").read_text()
+    proc = cli("sample", f"--workdir={workdir}", "--prompt=The", "--max_new_tokens=8", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "loading the run with every device on the data axis" in proc.stderr
+    assert list((workdir / "samples").glob("step_00000020.txt"))
+    proc = cli("evaluate", f"--workdir={workdir}", "--mesh=1,1,1", "--max_batches=2", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.splitlines()[-1])["step"] == 20
+    assert (workdir / "config.json").read_text() == config_before  # read-only
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args,message", [
+    (["--config.mesh.data=3"], "mesh data=3 x fsdp=1 x tensor=1 has 3 devices but there are 8"),
+    (["--config.mesh.fsdp=8", "--config.train.batch_size=12"],
+     "train.batch_size=12 (micro-batches of 12) does not divide over the 8 data-parallel"),
+    (["--config.mesh.data=2", "--config.mesh.tensor=4", "--config.train.batch_size=6",
+      "--config.train.grad_accum_steps=2"], "(micro-batches of 3) does not divide over the 2"),
+])
+def test_bad_mesh_or_batch_is_one_line_before_compiling(args, message, text_file, env,
+                                                          tmp_path):
+    proc = cli("train", f"--config={CHAR}", f"--workdir={tmp_path}", *TINY,
+               f"--config.data.path={text_file}", "--config.mesh.data=-1", *args,
+               env=with_devices(env, 8))
+    assert message in error_line(proc)
+    assert not list(tmp_path.iterdir())
+
+
+# --- several processes ----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(workdir, text_file, env, processes: int, devices_each: int, *extra: str):
+    """`processes` training processes of `devices_each` CPU devices, on loopback."""
+    args = [sys.executable, "-m", "experiments.train", f"--config={CHAR}", f"--workdir={workdir}",
+            *TINY, f"--config.data.path={text_file}", "--config.train.batch_size=8",
+            "--config.train.steps=20", "--config.sample.max_new_tokens=8", *extra]
+    env = {**env, "JAX_NUM_CPU_DEVICES": str(devices_each)}
+    if processes > 1:
+        port = free_port()
+        return [subprocess.Popen(args + [f"--coordinator_address=127.0.0.1:{port}",
+                                         f"--num_processes={processes}", f"--process_id={i}"],
+                                 cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for i in range(processes)]
+    return [subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)]
+
+
+def finish(procs, timeout: int = 300) -> list[tuple[str, str]]:
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    return outs
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_process_of_four_devices(text_file, env, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    finish(launch(one, text_file, env, 1, 4))
+    outs = finish(launch(two, text_file, env, 2, 2))
+    from genai_jax.train.metrics import read_metrics
+
+    reference, metrics = read_metrics(one), read_metrics(two)
+    # one metrics file, each logged step once, written by process 0 only
+    assert [r["step"] for r in metrics] == [r["step"] for r in reference] == [5, 10, 15, 20]
+    np.testing.assert_allclose([r["train/loss"] for r in metrics],
+                               [r["train/loss"] for r in reference], rtol=RTOL)
+    np.testing.assert_allclose([r["eval/loss"] for r in metrics if "eval/loss" in r],
+                               [r["eval/loss"] for r in reference if "eval/loss" in r], rtol=RTOL)
+    assert (two / "checkpoints" / "20").is_dir()
+    assert "sample at step 20" in outs[0][0] and "sample at step" not in outs[1][0]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_every_process_at_one_step(text_file, env, tmp_path):
+    procs = launch(tmp_path, text_file, env, 2, 1, "--config.train.steps=100000",
+                   "--config.checkpoint.every=100000", "--nosample")
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text()):
+        time.sleep(0.5)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = finish(procs, timeout=120)
+    steps = [int(p.name) for p in (tmp_path / "checkpoints").iterdir()]
+    assert len(steps) == 1 and steps[0] >= 5
+    for _, err in outs:
+        assert f"agreed by all processes): saved a checkpoint at step {steps[0]}" in err
