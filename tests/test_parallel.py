@@ -100,11 +100,65 @@ def test_bad_rule_is_one_line(text_file, env, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def _transformer(policy: str):
+    from flax import nnx
+
+    from genai_jax.models.lm import model_config
+    from genai_jax.models.transformer import Transformer
+
+    cfg = model_config(tiny_lm_config(**{"data.path": "unused", "model.remat": policy}), 30)
+    tokens = np.arange(64).reshape(4, 16) % 20
+    return Transformer(cfg, rngs=nnx.Rngs(0)), lambda model: model(tokens)[0]
+
+
+def _unet(policy: str):
+    import jax
+    from flax import nnx
+
+    from genai_jax.nn.unet import UNet, UNetConfig
+
+    cfg = UNetConfig(shape=(8, 8, 1), num_classes=10, channels=8, channel_mult=(1, 2),
+                     num_res_blocks=1, groups=4, num_heads=2, remat=policy)
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 8, 8, 1))
+    model = UNet(cfg, rngs=nnx.Rngs(0))
+    model.conv_out.kernel[...] = 0.1 * jax.random.normal(jax.random.PRNGKey(2),
+                                                         model.conv_out.kernel.shape)
+    return model, lambda model: model(x, np.arange(4), np.arange(4))
+
+
+@pytest.mark.parametrize("build", [_transformer, pytest.param(_unet, marks=pytest.mark.slow)],
+                         ids=["transformer", "unet"])
+def test_remat_keeps_less_for_the_backward_pass_and_gives_the_same_gradients(build):
+    """What the forward pass keeps for the backward pass (the residuals inside `jax.vjp`'s
+    closure): every activation without remat, each block's inputs with `full`, and also the
+    matmul outputs with `dots`. The gradients stay those of the model without remat."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    def loss_and_params(policy: str):
+        model, apply = build(policy)
+        graphdef, params = nnx.split(model)
+        return (lambda p: jnp.mean(apply(nnx.merge(graphdef, p)) ** 2)), params
+
+    def residual_bytes(policy: str) -> int:
+        loss, params = loss_and_params(policy)
+        residuals = jax.eval_shape(lambda p: jax.vjp(loss, p)[1], params)  # shapes only
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(residuals))
+
+    none, full, dots = map(residual_bytes, ("none", "full", "dots"))
+    # measured: transformer 686k / 287k / 156k bytes, UNet 2.2M / 540k / 385k
+    assert full < dots < none and full < none / 3, (none, dots, full)
+    (loss, params), (full_loss, _) = loss_and_params("none"), loss_and_params("full")
+    for a, b in zip(jax.tree.leaves(jax.jit(jax.grad(full_loss))(params)),
+                    jax.tree.leaves(jax.jit(jax.grad(loss))(params)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("remat", ["full", "dots"])
-def test_remat_is_the_same_training(remat, text_file):
-    """Rematerialisation recomputes activations in the backward pass: the loss and the gradients
-    must not change (only memory and time do)."""
+def test_remat_is_the_same_training_step_with_dropout(text_file):
+    """The family's whole step, dropout included: the recomputed forward pass draws the same
+    dropout masks (the key is an argument of the block), so the update is the same."""
     import jax
 
     from genai_jax import data, models
@@ -119,7 +173,7 @@ def test_remat_is_the_same_training(remat, text_file):
         new_state, metrics = jax.jit(family.train_step)(state, batch)
         return metrics["loss"], new_state.params
 
-    (loss, params), (loss_remat, params_remat) = loss_and_grads("none"), loss_and_grads(remat)
+    (loss, params), (loss_remat, params_remat) = loss_and_grads("none"), loss_and_grads("full")
     np.testing.assert_allclose(loss_remat, loss, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(params_remat), jax.tree.leaves(params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -35,7 +35,7 @@ from genai_jax import config as config_lib
 from genai_jax.config import ConfigError
 from genai_jax.models import images
 from genai_jax.models.family import Family
-from genai_jax.nn import IMPLEMENTATIONS
+from genai_jax.nn import IMPLEMENTATIONS, REMAT_POLICIES
 from genai_jax.nn.unet import UNetConfig, make_denoiser
 from genai_jax.sampling import diffusion as diff
 from genai_jax.train.optim import learning_rate_schedule, make_optimizer
@@ -50,7 +50,7 @@ def config_defaults() -> dict:
                       num_timesteps=1000, channels=64, channel_mult=(1, 2, 2), num_res_blocks=2,
                       attention_max_side=8, num_heads=4, groups=8, label_dropout=0.1,
                       kernels="xla", attention="xla", mlp_width=256, mlp_depth=3,
-                      dtype="float32"),
+                      remat="none", dtype="float32"),
         "sample": dict(num_samples=100, sampler="ddim", steps=50, eta=0.0, guidance=1.0,
                        clip_x0=True, trajectory_samples=8, trajectory_steps=8),
         "eval": dict(num_samples=1000, timestep_buckets=4),
@@ -63,6 +63,7 @@ def validate(config) -> None:
         "model.prediction": diff.PREDICTIONS,
         "model.schedule": diff.SCHEDULES,
         "model.kernels": diff.KERNELS,
+        "model.remat": tuple(REMAT_POLICIES),
         "model.attention": IMPLEMENTATIONS,
         "model.dtype": ("float32", "bfloat16"),
         "sample.sampler": diff.SAMPLERS,

@@ -18,16 +18,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from genai_jax.nn import MLP, Dense, Embed, LayerNorm, dot_product_attention, lookup, param, rotary
+from genai_jax.nn import (
+    MLP,
+    Dense,
+    Embed,
+    LayerNorm,
+    dot_product_attention,
+    lookup,
+    param,
+    rematerialized,
+    rotary,
+)
 from genai_jax.parallel import constrain
 
-# Activation rematerialisation per block (`model.remat`): what the backward pass keeps from the
-# forward pass instead of recomputing it.
-REMAT_POLICIES = {
-    "none": None,  # no remat: keep every activation
-    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each block's input
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
-}
 # Activations: the batch over the data-parallel axes; heads, the MLP hidden layer and the
 # vocabulary over `tensor`; the residual stream replicated within a tensor-parallel group.
 RESIDUAL, HEADS, LOGITS = ("batch", None, None), ("batch", None, "heads", None), (
@@ -52,7 +55,7 @@ class TransformerConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     attention: str = "xla"  # xla | cudnn | pallas
-    remat: str = "none"  # none | full | dots (REMAT_POLICIES)
+    remat: str = "none"  # none | full | dots (nn.REMAT_POLICIES), per block in training
     dtype: str = "float32"
     param_dtype: str = "float32"
 
@@ -170,11 +173,7 @@ class Transformer(nnx.Module):
         rngs = [None] * (len(self.blocks) + 1) if rng is None else list(
             jax.random.split(rng, len(self.blocks) + 1))
         x = constrain(_dropout(x, self.cfg.dropout, rngs[-1]), RESIDUAL)
-        policy = REMAT_POLICIES[self.cfg.remat]
-        if cache is None and policy is not None:
-            run_block = nnx.remat(lambda blk, x, pos, r: blk(x, pos, None, r), policy=policy)
-        else:
-            run_block = lambda blk, x, pos, r: blk(x, pos, None, r)
+        run_block = rematerialized(lambda blk, x, pos, r: blk(x, pos, None, r), self.cfg.remat)
         new_cache = []
         for i, block in enumerate(self.blocks):
             if cache is None:

@@ -16,6 +16,21 @@ from flax import nnx
 
 from genai_jax.parallel import constrain, gathered
 
+# Activation rematerialisation (`model.remat`): what the backward pass keeps from the forward
+# pass instead of recomputing it.
+REMAT_POLICIES = {
+    "none": None,  # keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each block's inputs
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+}
+
+
+def rematerialized(fn, policy: str):
+    """`fn(modules, *arrays)` with its activations recomputed in the backward pass as the named
+    policy says (`"none"`: `fn` itself)."""
+    return fn if REMAT_POLICIES[policy] is None else nnx.remat(fn, policy=REMAT_POLICIES[policy])
+
+
 # Activations of image models under a mesh, `[batch, height, width, channels]` and
 # `[batch, features]`: split over the batch only (FSDP all-gathers the weights instead).
 IMAGE, VECTOR = ("batch", None, None, None), ("batch", None)

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from genai_jax.nn.attention import dot_product_attention
-from genai_jax.nn.layers import VECTOR, Conv, Dense, Embed, GroupNorm, LayerNorm
+from genai_jax.nn.layers import VECTOR, Conv, Dense, Embed, GroupNorm, LayerNorm, rematerialized
 from genai_jax.parallel import constrain
 
 
@@ -47,6 +47,7 @@ class UNetConfig:
     attention: str = "xla"  # genai_jax.nn.dot_product_attention implementation
     mlp_width: int = 256  # points only: the MLP denoiser's width and depth
     mlp_depth: int = 4
+    remat: str = "none"  # none | full | dots (layers.REMAT_POLICIES), per ResBlock + attention
     dtype: str = "float32"
 
 
@@ -232,10 +233,13 @@ class UNet(nnx.Module):
         emb = self.time(t, labels)
         kernels = self.cfg.kernels
 
-        def res_attn(layer, h):
+        def block(layer, h, emb):
             res, attn = layer
             h = res(h, emb)
             return h if attn is None else attn(h)
+
+        remat_block = rematerialized(block, self.cfg.remat)
+        res_attn = lambda layer, h: remat_block(layer, h, emb)
 
         h = self.conv_in(x)
         hs = [h]
