@@ -147,7 +147,6 @@ def main(argv):
         # the training state (parameters, optimizer state, EMA) each device holds, from the
         # arrays' shards; and the compiled step's scratch memory per device, from XLA
         "state_bytes_per_device": max(state_bytes.values()),
-        "state_bytes_total": sum(state_bytes.values()),
         "step_temp_bytes_per_device": _temp_bytes(step_fn),
         f"train_{unit}_per_s": per_s, f"train_{unit}_per_s_rounds": ours,
         "step_ms": 1000 * tokens_per_step / per_s,
@@ -166,7 +165,8 @@ def main(argv):
     if peer:
         result.update(peer_tokens_per_s=statistics.median(peer), peer_tokens_per_s_rounds=peer,
                       speedup_vs_peer=statistics.median(np.array(ours) / np.array(peer)))
-    print(json.dumps(result))
+    if jax.process_index() == 0:
+        print(json.dumps(result))
 
 
 def _temp_bytes(compiled) -> int | None:

@@ -39,22 +39,33 @@ _CLUSTER_DETECT = flags.DEFINE_bool(
     "(SLURM, Open MPI, Kubernetes, Cloud TPU) instead of the three flags above")
 
 
+# Launchers that start one process per task: several tasks without a distributed start would be
+# independent runs writing one workdir.
+_LAUNCHER_TASKS = {"SLURM_NTASKS": "SLURM", "OMPI_COMM_WORLD_SIZE": "Open MPI"}
+
+
 def start_distributed() -> None:
     """Connect to the other processes of a multi-process run (nothing for one process)."""
-    parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                        cluster_detect=_CLUSTER_DETECT.value)
+    started = parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                  cluster_detect=_CLUSTER_DETECT.value)
+    for variable, launcher in _LAUNCHER_TASKS.items():
+        if not started and (_env_int(variable) or 1) > 1:
+            raise UserError(f"{launcher} started {os.environ[variable]} tasks but this one is not "
+                            "connected to the others: pass --cluster_detect (or "
+                            "--coordinator_address, --num_processes and --process_id)")
 
 
 def define_mesh_flag():
     return flags.DEFINE_string(
         "mesh", None, "DATA,FSDP,TENSOR mesh to load the run onto, e.g. 1,1,1 for one device "
-        "(default: the run's own mesh when the devices fit it, else every device on data)")
+        "(default: the run's own mesh when the devices fit it, else every device on fsdp)")
 
 
 def with_mesh(config, mesh_flag: str | None):
     """`config` (read from a workdir) with the mesh of `--mesh`, or, when the run's own mesh
     does not fit the devices here (a checkpoint of 8 devices sampled on one), every device on
-    the data axis: checkpoints restore onto any mesh."""
+    the fsdp axis (each holds a share of the model, as it may have needed to fit): checkpoints
+    restore onto any mesh."""
     if mesh_flag:
         try:
             sizes = [int(v) for v in mesh_flag.split(",")]
@@ -67,8 +78,8 @@ def with_mesh(config, mesh_flag: str | None):
             parallel.mesh_shape(config.mesh, jax.device_count())
             return config
         except parallel.MeshError as e:
-            logging.warning("%s: loading the run with every device on the data axis", e)
-            sizes = [-1, 1, 1]
+            logging.warning("%s: loading the run with every device on the fsdp axis", e)
+            sizes = [1, -1, 1]
     with config.unlocked():
         config.mesh.update(dict(zip(parallel.AXES, sizes, strict=True)))
     return config

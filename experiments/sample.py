@@ -50,8 +50,9 @@ def main(argv):
                "num_samples": _NUM_SAMPLES.value, "labels": _LABEL.value}
     outputs = run.family.sample(run.state, jax.random.PRNGKey(_SEED.value),
                                 **{k: v for k, v in options.items() if v is not None})
-    if jax.process_index() == 0:
-        print(run.family.save_samples(outputs, str(run.workdir / "samples"), run.start_step))
+    summary = run.family.save_samples(outputs, str(run.workdir / "samples"), run.start_step)
+    if jax.process_index() == 0:  # every process draws (see `sample`), process 0 writes
+        print(summary)
 
 
 def run():

@@ -33,11 +33,11 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)  # the progress bar and metrics.jsonl say enough
     run = train(config, _WORKDIR.value)
     if _SAMPLE.value and run.start_step >= config.train.steps:  # not after a preemption
-        # Every process samples (the parameters are spread over all of them); one writes.
+        # Every process samples and draws (the parameters may be spread over all of them);
+        # process 0 writes the files and prints.
         outputs = run.family.sample(run.state, jax.random.PRNGKey(config.seed))
+        summary = run.family.save_samples(outputs, str(run.workdir / "samples"), run.start_step)
         if jax.process_index() == 0:
-            summary = run.family.save_samples(outputs, str(run.workdir / "samples"),
-                                              run.start_step)
             print(f"\nsample at step {run.start_step}:\n{summary}")
 
 

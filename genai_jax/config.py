@@ -118,14 +118,27 @@ def save(config: ml_collections.ConfigDict, path: pathlib.Path) -> None:
 
 
 def load(path: pathlib.Path) -> ml_collections.ConfigDict:
-    """A config saved by `save`, locked like a config file's."""
-    config = ml_collections.ConfigDict(json.loads(path.read_text()))
+    """A config saved by `save`, locked like a config file's. Keys added to the family's
+    defaults since the run was saved take their default values."""
+
+    def merged(defaults: dict, saved: dict) -> dict:
+        out = dict(defaults)
+        for key, value in saved.items():
+            both = isinstance(value, dict) and isinstance(defaults.get(key), dict)
+            out[key] = merged(defaults[key], value) if both else value
+        return out
+
+    saved = json.loads(path.read_text())
+    defaults = base_config(saved["model"]["family"]).to_dict()
+    config = ml_collections.ConfigDict(merged(defaults, saved))
     config.lock()
     return config
 
 
-# Keys whose change makes a checkpoint unusable (the state's shapes or meaning).
+# Keys whose change makes a checkpoint unusable (the state's shapes or meaning), and the keys
+# inside them that only change how the same state is computed with.
 _STATE_KEYS = ("model", "data.name", "data.tokenizer", "train.ema_decay", "train.grad_clip")
+_COMPUTE_ONLY = ("model.remat", "model.attention", "model.kernels")
 
 
 def incompatibilities(saved: ml_collections.ConfigDict,
@@ -137,7 +150,8 @@ def incompatibilities(saved: ml_collections.ConfigDict,
     for key in _STATE_KEYS:
         a, b = _get_or_none(saved, key), _get_or_none(current, key)
         if isinstance(a, ml_collections.ConfigDict):
-            out += [f"{key}.{k}: {a[k]!r} -> {b.get(k)!r}" for k in a if a[k] != b.get(k)]
+            out += [f"{key}.{k}: {a[k]!r} -> {b.get(k)!r}" for k in a
+                    if a[k] != b.get(k) and f"{key}.{k}" not in _COMPUTE_ONLY]
         elif a != b:
             out.append(f"{key}: {a!r} -> {b!r}")
     return out

@@ -34,7 +34,7 @@ def mesh_overrides(layout: str) -> dict:
 
 
 def lm_config(text_file: str, layout: str, **overrides):
-    return tiny_lm_config(**{"data.path": text_file, "train.batch_size": 8,
+    return tiny_lm_config(**{"data.path": text_file, "train.batch_size": 8, "train.log_every": 1,
                              "eval.batch_size": 8, **mesh_overrides(layout), **overrides})
 
 
@@ -58,8 +58,11 @@ def image_config(family: str, layout: str):
     return overridden(c, mesh_overrides(layout))
 
 
-def losses(workdir) -> list[float]:
-    return [r["train/loss"] for r in read_metrics(workdir)]
+def losses(workdir) -> dict[str, list[float]]:
+    """The training loss of every step and the evaluation losses."""
+    metrics = read_metrics(workdir)
+    return {key: [r[f"{key}/loss"] for r in metrics if f"{key}/loss" in r]
+            for key in ("train", "eval")}
 
 
 def state_bytes(run) -> dict:

@@ -105,7 +105,8 @@ def load_or_train(x: np.ndarray, labels: np.ndarray, num_classes: int) -> Classi
                 treedef, [jnp.asarray(saved[f"p{i}"]) for i in range(len(leaves))]))
     model = train_classifier(x, labels, num_classes)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")  # concurrent writers (processes of a
+    # multi-process run train the same classifier) each write their own file
     np.savez(tmp, **{f"p{i}": np.asarray(v)
                      for i, v in enumerate(jax.tree.leaves(nnx.state(model)))})
     tmp.replace(path)  # atomic: a concurrent run never loads half a file

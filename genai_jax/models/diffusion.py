@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from genai_jax import config as config_lib
+from genai_jax import parallel
 from genai_jax.config import ConfigError
 from genai_jax.models import images
 from genai_jax.models.family import Family
@@ -180,7 +181,7 @@ def build(config, data_info: dict) -> Family:
         _, path = trajectory_jit(state, jax.random.fold_in(rng, 1), jnp.asarray(labels))
         columns = np.unique(np.round(np.linspace(0, path.shape[0] - 1, s.trajectory_steps))
                             .astype(int))
-        strip = np.asarray(path)[columns].swapaxes(0, 1)  # [samples, columns, H, W, C]
+        strip = parallel.fetch(path)[columns].swapaxes(0, 1)  # [samples, columns, H, W, C]
         picture = images.grid(images.to_uint8(strip.reshape(-1, *shape)), nrow=len(columns))
         return {"trajectory": images.save_png(picture,
                                               directory / f"trajectory_{step:08d}.png")}

@@ -27,7 +27,9 @@ class Family:
     eval_step: `(state, batch) -> metrics` (means over the batch).
     sample: `(state, rng, **kwargs) -> outputs`, e.g. a list of strings or an image array.
     save_samples: `(outputs, directory, step) -> str` writes them under `workdir/samples/` and
-      returns a short human-readable summary (printed at the end of training).
+      returns a short human-readable summary (printed at the end of training). `sample` and
+      `save_samples` run on every process of a multi-process run (they may compute with
+      parameters spread over all of them); only process 0 writes files.
     summarize_eval: `mean eval metrics -> reported metrics` (e.g. loss -> perplexity).
     sample_eval: optional `(state, rng, directory, step) -> metrics` run at every evaluation
       after the eval batches: metrics of generated samples (e.g. the classifier Fréchet

@@ -28,11 +28,11 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
 from genai_jax import config as config_lib
+from genai_jax import parallel
 from genai_jax.config import ConfigError
 from genai_jax.models import images
 from genai_jax.models.family import Family
@@ -250,7 +250,7 @@ def build(config, data_info: dict) -> Family:
     def extras(state, rng, directory: pathlib.Path, step: int) -> dict[str, str]:
         if data_info["kind"] != "image":
             return {}
-        x = np.asarray(interpolate(state, rng))
+        x = parallel.fetch(interpolate(state, rng))
         path = directory / f"interpolation_{step:08d}.png"
         return {"interpolation": images.save_png(images.grid(images.to_uint8(x), cols), path)}
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from genai_jax import parallel
 from genai_jax.config import ConfigError
 from genai_jax.models.family import Family
 
@@ -78,10 +79,13 @@ def grid(images: np.ndarray, nrow: int, pad: int = 1) -> np.ndarray:
 
 
 def save_png(picture: np.ndarray, path: str | pathlib.Path) -> str:
-    """Write a uint8 `[H, W, C]` (C = 1 or 3) picture as PNG; returns the path."""
+    """Write a uint8 `[H, W, C]` (C = 1 or 3) picture as PNG; returns the path. Only process 0
+    writes (every process computes the pictures: they may need all processes' devices)."""
     from PIL import Image
 
     path = pathlib.Path(path)
+    if jax.process_index() != 0:
+        return str(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(picture[..., 0] if picture.shape[-1] == 1 else picture).save(path)
     return str(path)
@@ -129,7 +133,7 @@ def make_family(config, data_info: dict, *, init, train_step, eval_step, generat
         elif num_samples:  # the given classes, cycled to `num_samples` images
             labels = np.resize(np.asarray(labels), num_samples)
         labels = np.asarray(labels, np.int32)
-        return {"x": np.asarray(generate_jit(state, rng, jnp.asarray(labels))),
+        return {"x": parallel.fetch(generate_jit(state, rng, jnp.asarray(labels))),
                 "label": labels, "state": state, "rng": rng}
 
     def save_samples(outputs: dict, directory: str, step: int) -> str:
@@ -144,9 +148,7 @@ def make_family(config, data_info: dict, *, init, train_step, eval_step, generat
 
     def sample_eval(state, rng: jax.Array, directory: str, step: int) -> dict[str, float]:
         outputs = sample(state, rng, num_samples=config.eval.num_samples)
-        if jax.process_index() == 0:  # every process samples; one writes
-            save_samples({**outputs, "x": outputs["x"][:config.sample.num_samples]},
-                         directory, step)
+        save_samples({**outputs, "x": outputs["x"][:config.sample.num_samples]}, directory, step)
         return evaluator()(outputs["x"], outputs["label"] if config.model.conditional else None)
 
     return Family(init=init, train_step=train_step, eval_step=eval_step, sample=sample,

@@ -122,9 +122,10 @@ def build(config, data_info: dict) -> Family:
 
     def save_samples(texts: list[str], directory: str, step: int) -> str:
         path = pathlib.Path(directory) / f"step_{step:08d}.txt"
-        path.parent.mkdir(parents=True, exist_ok=True)
         sep = "\n" + "-" * 40 + "\n"
-        path.write_text(sep.join(texts))
+        if jax.process_index() == 0:  # one process writes
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(sep.join(texts))
         return sep.join(texts)
 
     return Family(

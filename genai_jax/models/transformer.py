@@ -169,7 +169,7 @@ class Transformer(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = self.embed(tokens)
         if self.pos_embed is not None:
-            x = x + lookup(self.pos_embed[...], positions, rows=None).astype(x.dtype)
+            x = x + lookup(self.pos_embed[...], positions, (None, "embed")).astype(x.dtype)
         rngs = [None] * (len(self.blocks) + 1) if rng is None else list(
             jax.random.split(rng, len(self.blocks) + 1))
         x = constrain(_dropout(x, self.cfg.dropout, rngs[-1]), RESIDUAL)

@@ -37,6 +37,7 @@ from flax import nnx
 from jax.scipy.special import log_ndtr
 
 from genai_jax import config as config_lib
+from genai_jax import parallel
 from genai_jax.config import ConfigError
 from genai_jax.models import images
 from genai_jax.models.family import Family
@@ -348,7 +349,7 @@ def _extras(config, data_info: dict, vae: VAE, generate):
             rows = source.get(np.arange(min(n, len(source))))
             return np.asarray(rows["x"]), np.asarray(rows["label"], np.int32)
         labels = images.default_labels(n, data_info["num_classes"])
-        return images.to_uint8(generate(state, rng, jnp.asarray(labels))), labels
+        return images.to_uint8(parallel.fetch(generate(state, rng, jnp.asarray(labels)))), labels
 
     def extras(state, rng: jax.Array, directory: pathlib.Path, step: int) -> dict[str, str]:
         directory, params = pathlib.Path(directory), state.eval_params
@@ -372,9 +373,9 @@ def _extras(config, data_info: dict, vae: VAE, generate):
         # ones, by mean KL over the held-out images), `traversal_steps` values in
         # +-traversal_range prior standard deviations around its posterior mean.
         kl_per_dim = 0.5 * (jnp.square(mean) + jnp.exp(2 * log_std) - 1 - 2 * log_std).mean(0)
-        dims = np.argsort(-np.asarray(kl_per_dim))[:s.traversal_dims]
+        dims = np.argsort(-parallel.fetch(kl_per_dim))[:s.traversal_dims]
         values = np.linspace(-s.traversal_range, s.traversal_range, s.traversal_steps)
-        z = np.repeat(np.asarray(mean[:1]), len(dims) * len(values), axis=0)
+        z = np.repeat(parallel.fetch(mean[:1]), len(dims) * len(values), axis=0)
         z = z.reshape(len(dims), len(values), -1)
         z[np.arange(len(dims)), :, dims] += values
         ty = None if y is None else jnp.full((z.shape[0] * z.shape[1],), y[0])
@@ -397,7 +398,7 @@ def _extras(config, data_info: dict, vae: VAE, generate):
 
 
 def _save(x: jax.Array, nrow: int, path: pathlib.Path) -> str:
-    return images.save_png(images.grid(images.to_uint8(x), nrow), path)
+    return images.save_png(images.grid(images.to_uint8(parallel.fetch(x)), nrow), path)
 
 
 __all__ = ["VAE", "build", "config_defaults", "discretized_log_prob", "validate"]

@@ -105,27 +105,26 @@ class Dense(nnx.Module):
         return y
 
 
-def lookup(table: jax.Array, ids: jax.Array, rows: str | None = "vocab") -> jax.Array:
-    """`table[ids]` for an embedding table `[rows, dim]`. Under a mesh the lookup reads a table
-    all-gathered over its `dim` (FSDP splits the batch instead, and a gather cannot keep both)
-    and still split over `rows` (the vocabulary, for tensor parallelism)."""
-    return jnp.take(constrain(table, (rows, None)), ids, axis=0)
+def lookup(table: jax.Array, ids: jax.Array, axes=("vocab", "embed")) -> jax.Array:
+    """`table[ids]` for an embedding table with logical `axes`, read `gathered` like every
+    weight (FSDP splits the batch instead, and a lookup cannot keep both splits)."""
+    return jnp.take(gathered(table, axes), ids, axis=0)
 
 
 class Embed(nnx.Module):
     """Token embedding `[vocab, embed]`; `attend` reuses it as the output projection (tying)."""
 
-    def __init__(self, vocab: int, dim: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(self, vocab: int, dim: int, *, stddev: float = 0.02, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.dtype = dtype
-        self.embedding = param(rngs, nnx.initializers.normal(0.02), (vocab, dim),
+        self.embedding = param(rngs, nnx.initializers.normal(stddev), (vocab, dim),
                                ("vocab", "embed"), param_dtype)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         return lookup(self.embedding[...], tokens).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        return x @ self.embedding[...].astype(self.dtype).T
+        return x @ gathered(self.embedding[...], ("vocab", "embed")).astype(self.dtype).T
 
 
 class LayerNorm(nnx.Module):

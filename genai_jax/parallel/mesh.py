@@ -41,7 +41,3 @@ def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
     shape = mesh_shape(mesh_cfg, len(devices))
     return jax.sharding.Mesh(np.asarray(devices).reshape(shape), AXES)
 
-
-def data_parallel_size(mesh: jax.sharding.Mesh) -> int:
-    """How many ways the batch is split: over `data` and `fsdp` (FSDP is data parallel too)."""
-    return mesh.shape["data"] * mesh.shape["fsdp"]

@@ -1,8 +1,12 @@
-"""Logical axis names -> mesh axes, by one rules table; shardings of state and batches.
+"""Logical axis names -> mesh axes, by one rules table; shardings of state, batches and
+activations.
 
 Parameters name their dimensions logically (`embed`, `mlp`, `heads`, ...) through the metadata
 of their `nnx.Variable`s, which optax's states inherit (their moments are `tree_map`s of the
-parameters). One table maps those names to mesh axes, so sharding is data, not model code.
+parameters). One table maps those names to mesh axes, so sharding is data, not model code. While
+the trainer traces a step (`activations`), model code pins activations by the same names
+(`constrain`) and reads weights all-gathered over the batch axes (`gathered`, FSDP); outside a
+step both do nothing.
 """
 
 from __future__ import annotations
@@ -78,7 +82,7 @@ def logical_axes(tree):
 
 
 def spec_for(axes: Sequence[str | None] | None, shape: Sequence[int], mesh: jax.sharding.Mesh,
-             rules: Mapping[str, str | tuple[str, ...] | None]) -> PartitionSpec:
+             rules: Rules) -> PartitionSpec:
     """The PartitionSpec of one array. Each dimension takes the longest prefix of its rule's
     mesh axes (skipping axes of size 1 and axes an earlier dimension took) whose sizes divide it,
     so a dimension the mesh does not divide is split less or replicated, never refused."""
@@ -112,6 +116,29 @@ def batch_sharding(mesh: jax.sharding.Mesh, rules=DEFAULT_RULES) -> NamedShardin
     """Leading (batch) dimension split over the data-parallel axes."""
     axes = rules["batch"]
     return NamedSharding(mesh, PartitionSpec(axes))
+
+
+def data_parallel_size(mesh: jax.sharding.Mesh, rules=DEFAULT_RULES) -> int:
+    """How many ways the batch is split (by default over `data` and `fsdp`: FSDP is data
+    parallel too)."""
+    return int(np.prod([mesh.shape[a] for a in _axes(rules["batch"])]))
+
+
+def check_process_rows(sharding: NamedSharding, batch_size: int) -> None:
+    """Each process feeds its contiguous share of every batch (`process_rows`): the batch
+    sharding must give each process's devices exactly those rows, which holds when the batch
+    axes span the processes (e.g. not when several processes only split `tensor`)."""
+    n, i = jax.process_count(), jax.process_index()
+    if n == 1:
+        return
+    held = set()
+    for index in sharding.addressable_devices_indices_map((batch_size,)).values():
+        held.update(range(*index[0].indices(batch_size)))
+    share = batch_size // n
+    if held != set(range(i * share, (i + 1) * share)):
+        raise MeshError(f"the batch axes {sharding.spec[0]} do not split the batch over the "
+                        f"{n} processes: each process must hold its own rows, so lay the mesh "
+                        "out with data/fsdp across processes (tensor within one)")
 
 
 # The mesh and rules that `constrain` applies while a step is traced (see `activations`).
@@ -159,6 +186,20 @@ def gathered(w: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     spec = [_entry([a for a in _axes(entry) if a not in batch_axes])
             for entry in spec_for(axes, w.shape, mesh, rules)]
     return jax.lax.with_sharding_constraint(w, NamedSharding(mesh, PartitionSpec(*spec)))
+
+
+def fetch(tree):
+    """NumPy copies of `tree`'s arrays, whole, on every process: an array spread over several
+    processes' devices (sampled from sharded parameters) is all-gathered first, so every
+    process must call this at the same point."""
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(one, tree)
 
 
 def bytes_per_device(tree) -> dict:

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from genai_jax import parallel
+
 
 def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float = 1.0, top_k: int = 0,
                   top_p: float = 1.0) -> jax.Array:
@@ -92,9 +94,9 @@ def generate(apply: Callable, init_cache: Callable, params, prompts: list[np.nda
         padded = np.zeros((len(ctx), int(lengths.max())), np.int32)
         for i, c in enumerate(ctx):
             padded[i, :len(c)] = c
-        new = np.asarray(_generate_segment(params, padded, lengths,
-                                           jax.random.fold_in(rng, segment),
-                                           max_new_tokens=n, **kw))
+        new = parallel.fetch(_generate_segment(params, padded, lengths,
+                                               jax.random.fold_in(rng, segment),
+                                               max_new_tokens=n, **kw))
         seqs = [np.concatenate([s, row]) for s, row in zip(seqs, new, strict=True)]
         remaining -= n
         segment += 1

@@ -13,8 +13,9 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointer:
-    def __init__(self, directory: str | pathlib.Path, *, keep: int = 3, async_save: bool = True):
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+    def __init__(self, directory: str | pathlib.Path, *, keep: int = 3, async_save: bool = True,
+                 create: bool = True):
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
                                                enable_async_checkpointing=async_save)
         self._manager = ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options)
 

@@ -113,8 +113,9 @@ def prepare(config, workdir: str | pathlib.Path, *, read_only: bool = False) -> 
     """Check everything, build data and model, restore or initialise the state.
 
     Every check that can fail on a researcher's mistake runs here, before compilation and before
-    anything in `workdir` is written. `read_only` (sampling, evaluation) writes nothing there:
-    the config saved by training stays as it was.
+    anything in `workdir` is written. `read_only` (sampling, evaluation) keeps the config and
+    tokenizer saved by training as they are, creates no checkpoint directory, and does not ask
+    the training batch to divide over the devices.
     """
     config_lib.validate(config)
     workdir = pathlib.Path(workdir)
@@ -126,9 +127,10 @@ def prepare(config, workdir: str | pathlib.Path, *, read_only: bool = False) -> 
                             f"({'; '.join(diff[:3])}): use a new --workdir")
     mesh = parallel.make_mesh(config.mesh)
     rules = parallel.rules_from_config(config.mesh)
-    dp = parallel.data_parallel_size(mesh)
+    batch_sharding = parallel.batch_sharding(mesh, rules)
+    dp = parallel.data_parallel_size(mesh, rules)
     micro = config.train.batch_size // config.train.grad_accum_steps
-    if micro % dp:
+    if micro % dp and not read_only:
         raise parallel.MeshError(
             f"train.batch_size={config.train.batch_size} (micro-batches of {micro}) does not "
             f"divide over the {dp} data-parallel devices (mesh data x fsdp)")
@@ -137,15 +139,16 @@ def prepare(config, workdir: str | pathlib.Path, *, read_only: bool = False) -> 
         raise parallel.MeshError(f"the evaluation batch of {eval_batch} (eval.batch_size, or "
                                  f"train.batch_size) does not divide over the {dp} "
                                  "data-parallel devices")
+    parallel.check_process_rows(batch_sharding, eval_batch)
     pipeline = _build_data_in_turn(config, workdir)
     family = models.build(config, pipeline.info)
     rng = jax.random.PRNGKey(config.seed)
     abstract = jax.eval_shape(family.init, rng)
     shardings = parallel.state_shardings(abstract, mesh, rules)
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
-                                async_save=config.checkpoint.async_save)
-    run = Run(config, workdir, mesh, rules, pipeline, family, shardings,
-              parallel.batch_sharding(mesh, rules), checkpointer)
+                                async_save=config.checkpoint.async_save, create=not read_only)
+    run = Run(config, workdir, mesh, rules, pipeline, family, shardings, batch_sharding,
+              checkpointer)
     latest = checkpointer.latest_step()
     if latest is not None:
         run.state, meta = checkpointer.restore(latest, abstract_with_shardings(abstract, shardings))
@@ -166,7 +169,9 @@ def prepare(config, workdir: str | pathlib.Path, *, read_only: bool = False) -> 
 
 def _build_data_in_turn(config, workdir: pathlib.Path) -> data_lib.Pipeline:
     """The data pipeline, built by process 0 before the others: preparing an embedded data set
-    writes a TFDS data dir once, which processes sharing a file system must not race on."""
+    writes a TFDS data dir once, which processes sharing a file system must not race on. (If
+    process 0 fails here, the others wait at the barrier until JAX's coordination service
+    notices process 0 is gone and stops them; process 0's error line says why.)"""
     barrier = lambda: multihost_utils.sync_global_devices("genai_jax: process 0 built the data")
     if jax.process_index() > 0:
         barrier()
