@@ -78,7 +78,9 @@ class TimeEmbedding(nnx.Module):
         self.up = Dense([base], [emb_dim], axes=("embed", "mlp"), stddev=base ** -0.5, **kw)
         self.out = Dense([emb_dim], [emb_dim], axes=("mlp", "embed"), stddev=emb_dim ** -0.5,
                          **kw)
-        self.labels = Embed(num_classes + 1, emb_dim, dtype=dtype, rngs=rngs) \
+        # Label rows at the time embedding's unit scale, so the class is a signal from the first
+        # step (at a transformer's 0.02 it is drowned by the time embedding for hundreds).
+        self.labels = Embed(num_classes + 1, emb_dim, stddev=1.0, dtype=dtype, rngs=rngs) \
             if num_classes else None
 
     def __call__(self, t: jax.Array, labels: jax.Array | None) -> jax.Array:
