@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 WORKDIR ?= runs/lm_stdlib
 CONFIG ?= experiments/configs/lm_stdlib.py
 PYTEST_ARGS ?=
+# pytest-xdist workers; each takes whole test files (module fixtures stay in one worker).
+TEST_WORKERS ?= 2
+TRAIN_ARGS ?=
 
 .PHONY: install train test test-fast lint bench clean
 
@@ -18,13 +21,13 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 install: $(VENV)/.installed
 
 train: install
-	$(PY) -m experiments.train --config=$(CONFIG) --workdir=$(WORKDIR)
+	$(PY) -m experiments.train --config=$(CONFIG) --workdir=$(WORKDIR) $(TRAIN_ARGS)
 
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -60,8 +60,12 @@ def env():
 
 @pytest.fixture(scope="session", autouse=True)
 def _classifier_cache(tmp_path_factory):
-    """Evaluation classifiers train once per test session, in a cache of its own."""
-    os.environ["GENAI_JAX_CACHE"] = str(tmp_path_factory.mktemp("genai_jax_cache"))
+    """Evaluation classifiers train once per test session, in a cache of its own (shared by
+    the workers of `pytest -n`, whose temporary directories sit side by side)."""
+    root = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        root = root.parent
+    os.environ["GENAI_JAX_CACHE"] = str(root / "genai_jax_cache")
 
 
 def image_data_config(name: str = "digits", **overrides):
