@@ -30,11 +30,13 @@ def test_notebook_is_stripped(path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs(path, tmp_path):
+def test_notebook_runs(path, tmp_path, monkeypatch):
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)
-    # The kernel inherits this process's environment (JAX on the CPU, the session's classifier
-    # cache) and works in a temporary directory, where the notebook writes its runs/.
+    # The kernel inherits this process's environment (the session's classifier cache, JAX on
+    # the CPU even where an accelerator is installed: the notebooks are sized for it and
+    # sharding.ipynb simulates 8 CPU devices) and writes its runs/ in a temporary directory.
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     NotebookClient(nb, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": str(tmp_path)}}).execute()

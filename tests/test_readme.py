@@ -12,13 +12,14 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, overridden
 
 README = (ROOT / "README.md").read_text()
 
@@ -38,8 +39,8 @@ ELSEWHERE = {
     "make bench": "installs torch; test_cli.py::test_benchmark_prints_one_json_line runs the "
                   "benchmark it calls (without the PyTorch peer)",
     "--num_processes=4": "needs 4 hosts; test_parallel.py::"
-                         "test_two_processes_train_like_one_process_of_four_devices runs the "
-                         "same flags with 2 processes on loopback",
+                         "test_two_processes_train_like_one_process_of_four_devices starts 2 "
+                         "processes with these flags on loopback (with the default mesh)",
     "--num_processes=2": "a second shell; test_parallel.py::"
                          "test_two_processes_train_like_one_process_of_four_devices",
     "python -m pallas_kernels.benchmark": "its defaults are GPU-sized; tests/pallas/"
@@ -84,7 +85,9 @@ def readme_commands(text: str = README) -> list[str]:
 
 
 def elsewhere(command: str) -> str | None:
-    return next((why for fragment, why in ELSEWHERE.items() if fragment in command), None)
+    """Why `command` does not run here, if ELSEWHERE names it (fragments end at a word end)."""
+    return next((why for fragment, why in ELSEWHERE.items()
+                 if re.search(re.escape(fragment.strip()) + r"(\s|$)", command)), None)
 
 
 def test_readme_commands_are_all_known():
@@ -142,12 +145,18 @@ def shrunk(command: str, runs) -> tuple[dict, list[str]]:
 
 @pytest.mark.slow
 def test_readme_commands_run(env, tmp_path):
-    """Every runnable README command, in README order (training before sampling from it)."""
+    """Every runnable README command: those of the ```bash blocks in README order (training
+    before sampling from it), then the inline ones. A training command starts afresh in its
+    workdir, so that a command the README repeats trains again instead of finding its run
+    finished."""
     ran = []
     for command in readme_commands():
         if elsewhere(command) or command in ran:
             continue
         extra, argv = shrunk(command, tmp_path / "runs")
+        if "experiments.train" in argv:
+            workdir = next(w.split("=", 1)[1] for w in argv if w.startswith("--workdir="))
+            shutil.rmtree(workdir, ignore_errors=True)
         start = time.perf_counter()
         proc = subprocess.run(argv, cwd=ROOT, env={**env, **extra}, capture_output=True,
                               text=True, timeout=600)
@@ -206,12 +215,12 @@ def test_the_readme_family_trains_without_touching_the_trainer(pixel_gaussian):
     from genai_jax.train import read_metrics, train
 
     config = base_config("pixel_gaussian")
-    config.data.name = "digits"
-    config.data.data_dir = str(pixel_gaussian / "tfds")
-    config.train.update(steps=60, batch_size=32, learning_rate=3e-2, weight_decay=0.0,
-                        log_every=20, steps_per_call=20)
-    config.eval.update(every=60, steps=1, num_samples=0)
-    config.checkpoint.every = 60
+    config.lock()  # so that the overrides below may only change keys the family defines
+    config = overridden(config, {
+        "data.name": "digits", "data.data_dir": str(pixel_gaussian / "tfds"),
+        "train.steps": 60, "train.batch_size": 32, "train.learning_rate": 3e-2,
+        "train.weight_decay": 0.0, "train.log_every": 20, "train.steps_per_call": 20,
+        "eval.every": 60, "eval.steps": 1, "eval.num_samples": 0, "checkpoint.every": 60})
     run = train(config, pixel_gaussian / "run", progress=False)
     losses = [m["train/loss"] for m in read_metrics(pixel_gaussian / "run") if "train/loss" in m]
     assert losses[-1] < losses[0] - 0.5  # the per-pixel Gaussian fits
