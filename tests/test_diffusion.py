@@ -113,6 +113,31 @@ def test_v_prediction_identities():
     np.testing.assert_allclose(diff.training_target("eps", schedule, x0, t, eps), eps)
 
 
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_min_snr_weights_the_x0_error_by_the_clamped_snr(prediction):
+    """Min-SNR-gamma: whatever the target, the weighted loss of a prediction whose implied x0 is
+    off by d is min(SNR_t, gamma) |d|^2 (Hang et al. 2023, eq. 10); uniform weights are 1."""
+    schedule, gamma = diff.make_schedule("cosine", T), 5.0
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(1), 3)
+    x0 = jax.random.uniform(k1, (6, *SHAPE), minval=-1, maxval=1)
+    eps = jax.random.normal(k2, x0.shape)
+    d = 0.1 * jax.random.normal(k3, x0.shape)
+    t = jnp.array([0, 30, 200, 500, 900, 999])
+    x_t = diff.q_sample(schedule, x0, t, eps)
+    ab = np.asarray(schedule.alpha_bars[t], np.float64)
+    a, s = (jnp.sqrt(jnp.asarray(v))[:, None, None, None] for v in (ab, 1 - ab))
+    eps_hat = (x_t - a * (x0 + d)) / s  # the output whose implied x0 is x0 + d
+    output = eps_hat if prediction == "eps" else a * eps_hat - s * (x0 + d)
+    target = diff.training_target(prediction, schedule, x0, t, eps)
+    err = np.asarray(jnp.sum(jnp.square(output - target), axis=(1, 2, 3)), np.float64)
+    w = np.asarray(diff.loss_weights("min_snr", prediction, schedule, t, gamma))
+    expected = np.minimum(ab / (1 - ab), gamma) * np.asarray(jnp.sum(d * d, axis=(1, 2, 3)))
+    np.testing.assert_allclose(w * err, expected, rtol=2e-3)
+    if prediction == "eps":  # SNR exceeds gamma only near the clean end, which is turned down
+        assert w[0] < 1e-3 and w[-1] == 1.0
+    np.testing.assert_array_equal(diff.loss_weights("uniform", prediction, schedule, t), 1.0)
+
+
 # --- samplers --------------------------------------------------------------------------------
 
 def oracle(schedule, x0, prediction):
@@ -184,6 +209,42 @@ def test_ddim_eta0_is_deterministic_and_ddpm_is_not():
     np.testing.assert_array_equal(a, b)
     c, d = (run(jax.random.PRNGKey(i), sampler="ddpm") for i in (1, 2))
     assert float(jnp.max(jnp.abs(c - d))) > 1e-2
+
+
+def test_guidance_max_t_guides_only_the_less_noisy_steps():
+    """guidance_max_t = 1 guides every step, 0 none (= the conditional model), and in between
+    exactly the steps below it: a run guided below T/2 equals one that switches from the
+    conditional model to the guided one at the first step below T/2."""
+    schedule = diff.make_schedule("cosine", T)
+
+    def denoiser(x, t, labels):  # any function of all three inputs will do
+        return jnp.tanh(x * (1.0 + labels[:, None, None, None] / 10.0)
+                        + t[:, None, None, None] / T)
+
+    x_T = jax.random.normal(jax.random.PRNGKey(0), (4, *SHAPE))
+    labels = jnp.arange(4)
+
+    def run(**kw):
+        return diff.sample(denoiser, schedule, x_T.shape, jax.random.PRNGKey(1), labels=labels,
+                           null_label=10, x_T=x_T, steps=10, **kw)
+
+    guided, unguided = run(guidance=3.0), run(guidance=1.0)
+    np.testing.assert_array_equal(run(guidance=3.0, guidance_max_t=1.0), guided)
+    np.testing.assert_allclose(run(guidance=3.0, guidance_max_t=0.0), unguided, atol=1e-5)
+    half = run(guidance=3.0, guidance_max_t=0.5)
+    ts, coeffs = diff.step_coefficients(schedule, "ddim", 10)
+    k = int(jnp.sum(ts >= T / 2))  # the first k steps are unguided
+    x = x_T
+    for i in range(len(ts)):
+        t_rows = jnp.full((4,), ts[i], jnp.int32)
+        cond, uncond = diff.guided_output(denoiser, x, t_rows, labels, 10, 3.0)
+        c = jax.tree.map(lambda v, i=i: v[i], coeffs)
+        x = diff.denoise_step(x, cond, None, c, prediction="eps", clip_x0=True,
+                              guidance=1.0 if i < k else 3.0, uncond_output=uncond)
+    np.testing.assert_allclose(half, x, atol=1e-5)
+    assert 0 < k < len(ts) and float(jnp.max(jnp.abs(half - guided))) > 1e-3
+    with pytest.raises(ConfigError, match="guidance_max_t"):
+        diffusion.validate(tiny_config(**{"sample.guidance_max_t": 1.5}))
 
 
 def test_respaced_ddpm_step_equals_ddim_with_eta_one():

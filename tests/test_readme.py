@@ -100,9 +100,7 @@ def test_readme_commands_are_all_known():
     for command in commands:
         if elsewhere(command):
             continue
-        words = shlex.split(command.replace("...", ELLIPSIS))
-        while words and re.match(r"^[A-Z_]+=", words[0]):
-            words.pop(0)
+        _, words = env_and_words(command)
         assert words[:3] in (["python", "-m", "experiments.train"],
                              ["python", "-m", "experiments.sample"],
                              ["python", "-m", "experiments.evaluate"],
@@ -117,13 +115,19 @@ def test_the_extractor_sees_blocks_continuations_and_inline_commands():
                                      "python -m experiments.evaluate --workdir=w"]
 
 
-def shrunk(command: str, runs) -> tuple[dict, list[str]]:
-    """(environment additions, argv) of a README command, shrunk to run in seconds."""
-    words = shlex.split(command.replace("...", ELLIPSIS).replace("runs/", f"{runs}/"))
+def env_and_words(command: str) -> tuple[dict, list[str]]:
+    """A README command's leading `VAR=value` assignments, and the words after them."""
+    words = shlex.split(command.replace("...", ELLIPSIS))
     env = {}
-    while re.match(r"^[A-Z_]+=", words[0]):
+    while words and re.match(r"^[A-Z_]+=", words[0]):
         key, value = words.pop(0).split("=", 1)
         env[key] = value
+    return env, words
+
+
+def shrunk(command: str, runs) -> tuple[dict, list[str]]:
+    """(environment additions, argv) of a README command, shrunk to run in seconds."""
+    env, words = env_and_words(command.replace("...", ELLIPSIS).replace("runs/", f"{runs}/"))
     if words[:2] == ["make", "train"]:
         return env, ["make", "--assume-old=.venv/.installed", "train", f"PY={sys.executable}",
                      f"WORKDIR={runs}/make_train", f"TRAIN_ARGS={' '.join(SHORT)}"]

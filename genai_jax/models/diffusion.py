@@ -3,19 +3,24 @@
 Training (Ho et al. 2020): x0 in [-1, 1], t ~ U{0..T-1}, eps ~ N(0, I),
 x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps, and the loss is the mean squared
 error of the network's output against eps (`model.prediction="eps"`) or against
-v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0 ("v"). A class-conditional model sees
-the "no label" class (index num_classes) for a `model.label_dropout` fraction of rows, which
-trains the unconditional model that classifier-free guidance needs.
+v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0 ("v"). `model.loss_weighting` weights
+the rows: "uniform" is Ho et al.'s simple loss, which in x0 terms weights each step by its SNR,
+so the nearly clean steps dominate; "min_snr" (Min-SNR-gamma, Hang et al. 2023) caps that
+weight at `model.min_snr_gamma` (`sampling.diffusion.loss_weights`). A class-conditional model
+sees the "no label" class (index num_classes) for a `model.label_dropout` fraction of rows,
+which trains the unconditional model that classifier-free guidance needs.
 
 Sampling (`genai_jax.sampling.diffusion`): the EMA weights (when `train.ema_decay` > 0),
-`sample.sampler` "ddim" or "ddpm" over `sample.steps` timesteps, CFG weight `sample.guidance`,
-`sample.clip_x0` (images only: 2-D points are not in [-1, 1], and need v-prediction).
+`sample.sampler` "ddim" or "ddpm" over `sample.steps` timesteps, CFG weight `sample.guidance`
+on the steps with t < `sample.guidance_max_t` T, `sample.clip_x0` (images only: 2-D points are
+not in [-1, 1], and need v-prediction).
 `model.kernels="pallas"` uses the fused Pallas GroupNorm-modulate-SiLU in the UNet and the fused
 sampler step.
 
 Evaluation: the same loss of the EMA weights (when kept) on held-out batches, row i of a
 batch at the fixed timestep round(i (T-1) / (n-1)) with fixed noise, overall ("loss") and per
-quarter of [0, T) ("loss_t0" is the least noisy). Extras: a PNG strip of the predicted x0 of
+quarter of [0, T) ("loss_t0" is the least noisy), unweighted so that runs with different
+`model.loss_weighting` compare. Extras: a PNG strip of the predicted x0 of
 a few samples at `sample.trajectory_steps` evenly spaced sampler steps (rows = samples,
 columns = steps).
 """
@@ -48,12 +53,14 @@ EVAL_NOISE_SEED = 1234  # the held-out loss uses the same noise at every evaluat
 def config_defaults() -> dict:
     return {
         "model": dict(conditional=False, prediction="eps", schedule="cosine",
-                      num_timesteps=1000, channels=64, channel_mult=(1, 2, 2), num_res_blocks=2,
+                      num_timesteps=1000, loss_weighting="uniform", min_snr_gamma=5.0,
+                      channels=64, channel_mult=(1, 2, 2), num_res_blocks=2,
                       attention_max_side=8, num_heads=4, groups=8, label_dropout=0.1,
                       kernels="xla", attention="xla", mlp_width=256, mlp_depth=3,
                       remat="none", dtype="float32"),
         "sample": dict(num_samples=100, sampler="ddim", steps=50, eta=0.0, guidance=1.0,
-                       clip_x0=True, trajectory_samples=8, trajectory_steps=8),
+                       guidance_max_t=1.0, clip_x0=True, trajectory_samples=8,
+                       trajectory_steps=8),
         "eval": dict(num_samples=1000, timestep_buckets=4),
     }
 
@@ -63,6 +70,7 @@ def validate(config) -> None:
     config_lib.check_choices(config, {
         "model.prediction": diff.PREDICTIONS,
         "model.schedule": diff.SCHEDULES,
+        "model.loss_weighting": diff.LOSS_WEIGHTINGS,
         "model.kernels": diff.KERNELS,
         "model.remat": tuple(REMAT_POLICIES),
         "model.attention": IMPLEMENTATIONS,
@@ -70,9 +78,9 @@ def validate(config) -> None:
         "sample.sampler": diff.SAMPLERS,
     })
     config_lib.check_positive(config, (
-        "model.num_timesteps", "model.channels", "model.num_res_blocks", "model.num_heads",
-        "model.groups", "model.mlp_width", "model.mlp_depth", "sample.trajectory_samples",
-        "sample.trajectory_steps", "eval.timestep_buckets"))
+        "model.num_timesteps", "model.min_snr_gamma", "model.channels", "model.num_res_blocks",
+        "model.num_heads", "model.groups", "model.mlp_width", "model.mlp_depth",
+        "sample.trajectory_samples", "sample.trajectory_steps", "eval.timestep_buckets"))
     if not m.channel_mult or min(m.channel_mult) <= 0:
         raise ConfigError(f"model.channel_mult={tuple(m.channel_mult)} must be a non-empty "
                           "tuple of positive multipliers, e.g. (1, 2, 2)")
@@ -88,6 +96,9 @@ def validate(config) -> None:
     if s.steps < 0 or s.eta < 0 or s.guidance < 0:
         raise ConfigError("sample.steps (0 = all model.num_timesteps), sample.eta and "
                           "sample.guidance must be >= 0")
+    if not 0.0 <= s.guidance_max_t <= 1.0:
+        raise ConfigError(f"sample.guidance_max_t={s.guidance_max_t} must be in [0, 1] (guide "
+                          "the steps with t < guidance_max_t * T; 1 = every step)")
     if m.conditional and s.guidance != 1.0 and m.label_dropout == 0.0:
         raise ConfigError(f"sample.guidance={s.guidance} needs the unconditional model, which "
                           "only label dropout trains: set model.label_dropout > 0 (e.g. 0.1) "
@@ -146,7 +157,9 @@ def build(config, data_info: dict) -> Family:
         if conditional:  # classifier-free guidance: train the null class on some rows
             drop = jax.random.bernoulli(drop_rng, m.label_dropout, (n,))
             labels = jnp.where(drop, num_classes, labels)
-        return losses(params, batch, t, noise, labels).mean(), {}
+        weights = diff.loss_weights(m.loss_weighting, m.prediction, schedule, t,
+                                    m.min_snr_gamma)
+        return (weights * losses(params, batch, t, noise, labels)).mean(), {}
 
     def eval_step(state: TrainState, batch) -> dict:
         params = state.eval_params
@@ -163,8 +176,9 @@ def build(config, data_info: dict) -> Family:
         return metrics
 
     sampler_kwargs = dict(null_label=num_classes, sampler=s.sampler, steps=s.steps, eta=s.eta,
-                          guidance=s.guidance, clip_x0=s.clip_x0 and kind == "image",
-                          prediction=m.prediction, kernels=m.kernels)
+                          guidance=s.guidance, guidance_max_t=s.guidance_max_t,
+                          clip_x0=s.clip_x0 and kind == "image", prediction=m.prediction,
+                          kernels=m.kernels)
 
     def generate(state: TrainState, rng: jax.Array, labels: jax.Array, trajectory=False):
         params = state.eval_params

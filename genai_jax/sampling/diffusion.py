@@ -22,7 +22,9 @@ Samplers (`sample`):
     posterior of the sub-sequence's own betas `1 - alpha_bar_{t_k} / alpha_bar_{t_{k-1}}`.
 Classifier-free guidance (Ho & Salimans 2022): `out = uncond + w (cond - uncond)`, the
 conditional and unconditional predictions made in one network call on a doubled batch; w = 1
-is the plain conditional model (one call, no unconditional half).
+is the plain conditional model (one call, no unconditional half). `guidance_max_t` limits guidance
+to the steps with t < guidance_max_t * T (Kynkäänniemi et al. 2024: guiding the noisiest steps
+mostly costs diversity); the others use w = 1.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from pallas_kernels import reference
 SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("eps", "v")
 SAMPLERS = ("ddim", "ddpm")
+LOSS_WEIGHTINGS = ("uniform", "min_snr")
 KERNELS = ("xla", "pallas")
 COSINE_OFFSET = 0.008  # Nichol & Dhariwal's s: keeps beta_1 from being vanishingly small
 MAX_BETA = 0.999  # ... and their clip, which keeps the last steps from being singular
@@ -123,6 +126,28 @@ def training_target(prediction: str, schedule: Schedule, x0: jax.Array, t: jax.A
     raise ValueError(f"unknown prediction {prediction!r}; one of {PREDICTIONS}")
 
 
+def loss_weights(weighting: str, prediction: str, schedule: Schedule, t: jax.Array,
+                 gamma: float = 5.0) -> jax.Array:
+    """Per-row weights `[n]` of the denoising loss at timesteps t.
+
+    "uniform": 1 (Ho et al.'s simple loss). "min_snr" (Hang et al. 2023): the loss in x0 terms
+    weighted by min(SNR_t, gamma), which for an eps target is min(SNR, gamma) / SNR and for a
+    v target min(SNR, gamma) / (SNR + 1), since |eps err|^2 = SNR |x0 err|^2 and
+    |v err|^2 = (SNR + 1) |x0 err|^2.
+    """
+    if weighting == "uniform":
+        return jnp.ones(t.shape, jnp.float32)
+    if weighting != "min_snr":
+        raise ValueError(f"unknown loss weighting {weighting!r}; one of {LOSS_WEIGHTINGS}")
+    ab = schedule.alpha_bars[t]
+    snr = ab / (1.0 - ab)
+    if prediction == "eps":
+        return jnp.minimum(snr, gamma) / snr
+    if prediction == "v":
+        return jnp.minimum(snr, gamma) / (snr + 1.0)
+    raise ValueError(f"unknown prediction {prediction!r}; one of {PREDICTIONS}")
+
+
 def predict_x0(prediction: str, schedule: Schedule, x_t: jax.Array, t: jax.Array,
                output: jax.Array) -> jax.Array:
     """The clean image implied by the network's output at (x_t, t)."""
@@ -185,7 +210,8 @@ def guided_output(denoiser: Denoiser, x_t: jax.Array, t: jax.Array, labels: jax.
 
 def sample(denoiser: Denoiser, schedule: Schedule, shape: tuple[int, ...], rng: jax.Array, *,
            labels: jax.Array | None = None, null_label: int = 0, sampler: str = "ddim",
-           steps: int = 50, eta: float = 0.0, guidance: float = 1.0, clip_x0: bool = True,
+           steps: int = 50, eta: float = 0.0, guidance: float = 1.0,
+           guidance_max_t: float = 1.0, clip_x0: bool = True,
            prediction: str = "eps", kernels: str = "xla", x_T: jax.Array | None = None,
            trajectory: bool = False):
     """Samples `[n, ...]` (`shape`) by running the sampler from pure noise.
@@ -194,6 +220,7 @@ def sample(denoiser: Denoiser, schedule: Schedule, shape: tuple[int, ...], rng: 
       denoiser: `(x_t, t, labels) -> output`; `labels == null_label` is the unconditional model.
       labels: int32 `[n]` classes to generate, or None (unconditional: every row null).
       guidance: CFG weight w (1 = conditional, no extra call; ignored without labels).
+      guidance_max_t: guide only the steps with t < guidance_max_t * T (1 = every step).
       x_T: the starting noise (default: drawn from `rng`).
       trajectory: also return the predicted x0 after every step, `[K, n, ...]` (sampling order).
 
@@ -206,20 +233,22 @@ def sample(denoiser: Denoiser, schedule: Schedule, shape: tuple[int, ...], rng: 
     n = shape[0]
     # DDIM with eta = 0 adds no noise: no draws at all, so it is exactly deterministic.
     noisy = sampler == "ddpm" or eta > 0
+    # each step's guidance weight: w below guidance_max_t * T, 1 (the conditional model) above
+    weights = jnp.where(ts < guidance_max_t * schedule.num_timesteps, guidance, 1.0)
 
     def body(x, inputs):
-        k, t, c = inputs
+        k, t, c, w = inputs
         t_rows = jnp.full((n,), t, jnp.int32)
         cond, uncond = guided_output(denoiser, x, t_rows, labels, null_label, guidance)
         noise = jax.random.normal(jax.random.fold_in(loop_rng, k), shape) if noisy else None
         x_next = denoise_step(x, cond, noise, c, prediction=prediction, clip_x0=clip_x0,
-                              guidance=None if uncond is None else guidance,
+                              guidance=None if uncond is None else w,
                               uncond_output=uncond, kernels=kernels)
         if not trajectory:
             return x_next, None
-        out = cond if uncond is None else uncond + guidance * (cond - uncond)
+        out = cond if uncond is None else uncond + w * (cond - uncond)
         x0 = predict_x0(prediction, schedule, x, t_rows, out)
         return x_next, jnp.clip(x0, -1.0, 1.0) if clip_x0 else x0
 
-    x, path = jax.lax.scan(body, x, (jnp.arange(len(ts)), ts, coeffs))
+    x, path = jax.lax.scan(body, x, (jnp.arange(len(ts)), ts, coeffs, weights))
     return (x, path) if trajectory else x
