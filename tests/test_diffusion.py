@@ -214,10 +214,14 @@ def test_ddim_eta0_is_deterministic_and_ddpm_is_not():
 def test_guidance_max_t_guides_only_the_less_noisy_steps():
     """guidance_max_t = 1 guides every step, 0 none (= the conditional model), and in between
     exactly the steps below it: a run guided below T/2 equals one that switches from the
-    conditional model to the guided one at the first step below T/2."""
+    conditional model to the guided one at the first step below T/2, and only the guided steps
+    pay for the doubled (conditional + unconditional) network call."""
     schedule = diff.make_schedule("cosine", T)
 
+    batch_sizes = []  # of the network calls, recorded as they are traced
+
     def denoiser(x, t, labels):  # any function of all three inputs will do
+        batch_sizes.append(x.shape[0])
         return jnp.tanh(x * (1.0 + labels[:, None, None, None] / 10.0)
                         + t[:, None, None, None] / T)
 
@@ -225,22 +229,27 @@ def test_guidance_max_t_guides_only_the_less_noisy_steps():
     labels = jnp.arange(4)
 
     def run(**kw):
+        batch_sizes.clear()
         return diff.sample(denoiser, schedule, x_T.shape, jax.random.PRNGKey(1), labels=labels,
                            null_label=10, x_T=x_T, steps=10, **kw)
 
     guided, unguided = run(guidance=3.0), run(guidance=1.0)
     np.testing.assert_array_equal(run(guidance=3.0, guidance_max_t=1.0), guided)
-    np.testing.assert_allclose(run(guidance=3.0, guidance_max_t=0.0), unguided, atol=1e-5)
+    assert batch_sizes == [8]
+    np.testing.assert_array_equal(run(guidance=3.0, guidance_max_t=0.0), unguided)
+    assert batch_sizes == [4]
     half = run(guidance=3.0, guidance_max_t=0.5)
+    assert batch_sizes == [4, 8]
     ts, coeffs = diff.step_coefficients(schedule, "ddim", 10)
     k = int(jnp.sum(ts >= T / 2))  # the first k steps are unguided
     x = x_T
     for i in range(len(ts)):
         t_rows = jnp.full((4,), ts[i], jnp.int32)
-        cond, uncond = diff.guided_output(denoiser, x, t_rows, labels, 10, 3.0)
+        w = 1.0 if i < k else 3.0
+        cond, uncond = diff.guided_output(denoiser, x, t_rows, labels, 10, w)
         c = jax.tree.map(lambda v, i=i: v[i], coeffs)
         x = diff.denoise_step(x, cond, None, c, prediction="eps", clip_x0=True,
-                              guidance=1.0 if i < k else 3.0, uncond_output=uncond)
+                              guidance=None if uncond is None else w, uncond_output=uncond)
     np.testing.assert_allclose(half, x, atol=1e-5)
     assert 0 < k < len(ts) and float(jnp.max(jnp.abs(half - guided))) > 1e-3
     with pytest.raises(ConfigError, match="guidance_max_t"):

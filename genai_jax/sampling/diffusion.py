@@ -29,6 +29,7 @@ mostly costs diversity); the others use w = 1.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -233,13 +234,11 @@ def sample(denoiser: Denoiser, schedule: Schedule, shape: tuple[int, ...], rng: 
     n = shape[0]
     # DDIM with eta = 0 adds no noise: no draws at all, so it is exactly deterministic.
     noisy = sampler == "ddpm" or eta > 0
-    # each step's guidance weight: w below guidance_max_t * T, 1 (the conditional model) above
-    weights = jnp.where(ts < guidance_max_t * schedule.num_timesteps, guidance, 1.0)
 
-    def body(x, inputs):
-        k, t, c, w = inputs
+    def body(w, x, inputs):
+        k, t, c = inputs
         t_rows = jnp.full((n,), t, jnp.int32)
-        cond, uncond = guided_output(denoiser, x, t_rows, labels, null_label, guidance)
+        cond, uncond = guided_output(denoiser, x, t_rows, labels, null_label, w)
         noise = jax.random.normal(jax.random.fold_in(loop_rng, k), shape) if noisy else None
         x_next = denoise_step(x, cond, noise, c, prediction=prediction, clip_x0=clip_x0,
                               guidance=None if uncond is None else w,
@@ -250,5 +249,15 @@ def sample(denoiser: Denoiser, schedule: Schedule, shape: tuple[int, ...], rng: 
         x0 = predict_x0(prediction, schedule, x, t_rows, out)
         return x_next, jnp.clip(x0, -1.0, 1.0) if clip_x0 else x0
 
-    x, path = jax.lax.scan(body, x, (jnp.arange(len(ts)), ts, coeffs, weights))
-    return (x, path) if trajectory else x
+    # Steps run in descending t, so the unguided ones (t >= guidance_max_t * T) come first: one
+    # scan of single conditional calls for them, one of doubled guided calls for the rest.
+    num_unguided = int(np.sum(timesteps(schedule.num_timesteps, steps)
+                              >= guidance_max_t * schedule.num_timesteps))
+    inputs = (jnp.arange(len(ts)), ts, coeffs)
+    paths = []
+    for w, part in ((1.0, slice(0, num_unguided)), (guidance, slice(num_unguided, len(ts)))):
+        if part.stop > part.start:
+            x, path = jax.lax.scan(functools.partial(body, w), x,
+                                   jax.tree.map(lambda a, part=part: a[part], inputs))
+            paths.append(path)
+    return (x, jnp.concatenate(paths)) if trajectory else x
