@@ -127,7 +127,7 @@ def env_and_words(command: str) -> tuple[dict, list[str]]:
 
 def shrunk(command: str, runs) -> tuple[dict, list[str]]:
     """(environment additions, argv) of a README command, shrunk to run in seconds."""
-    env, words = env_and_words(command.replace("runs/", f"{runs}/"))
+    env, words = env_and_words(command.replace("...", ELLIPSIS).replace("runs/", f"{runs}/"))
     if words[:2] == ["make", "train"]:
         return env, ["make", "--assume-old=.venv/.installed", "train", f"PY={sys.executable}",
                      f"WORKDIR={runs}/make_train", f"TRAIN_ARGS={' '.join(SHORT)}"]
