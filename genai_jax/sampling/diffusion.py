@@ -170,18 +170,19 @@ def timesteps(num_timesteps: int, steps: int) -> np.ndarray:
 
 
 def step_coefficients(schedule: Schedule, sampler: str, steps: int, eta: float = 0.0):
-    """`(t [K], coefficients with fields [K])` of every sampler step, in sampling order."""
+    """`(t [K], coefficients with fields [K])` of every sampler step, in sampling order; t is a
+    numpy int32 array (static: it decides the scans' lengths)."""
     ts = timesteps(schedule.num_timesteps, steps)
     if sampler == "ddim":
         t_prev = np.append(ts[1:], -1)
-        return jnp.asarray(ts, jnp.int32), pallas_kernels.ddim_coefficients(
+        return ts.astype(np.int32), pallas_kernels.ddim_coefficients(
             schedule.alpha_bars, jnp.asarray(ts), jnp.asarray(t_prev), eta)
     if sampler == "ddpm":
         # The ancestral step of the (respaced) chain whose k-th step is timestep ts[k]: its
         # alpha_bars are the sub-sequence's, indexed by position (identical when ts is 0..T-1).
         ascending = ts[::-1].copy()
         k = np.arange(len(ts) - 1, -1, -1)
-        return jnp.asarray(ts, jnp.int32), pallas_kernels.ddpm_coefficients(
+        return ts.astype(np.int32), pallas_kernels.ddpm_coefficients(
             schedule.alpha_bars[ascending], jnp.asarray(k))
     raise ValueError(f"unknown sampler {sampler!r}; one of {SAMPLERS}")
 
@@ -251,8 +252,7 @@ def sample(denoiser: Denoiser, schedule: Schedule, shape: tuple[int, ...], rng: 
 
     # Steps run in descending t, so the unguided ones (t >= guidance_max_t * T) come first: one
     # scan of single conditional calls for them, one of doubled guided calls for the rest.
-    num_unguided = int(np.sum(timesteps(schedule.num_timesteps, steps)
-                              >= guidance_max_t * schedule.num_timesteps))
+    num_unguided = int(np.sum(ts >= guidance_max_t * schedule.num_timesteps))
     inputs = (jnp.arange(len(ts)), ts, coeffs)
     paths = []
     for w, part in ((1.0, slice(0, num_unguided)), (guidance, slice(num_unguided, len(ts)))):
