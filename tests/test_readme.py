@@ -117,7 +117,7 @@ def test_the_extractor_sees_blocks_continuations_and_inline_commands():
 
 def env_and_words(command: str) -> tuple[dict, list[str]]:
     """A README command's leading `VAR=value` assignments, and the words after them."""
-    words = shlex.split(command.replace("...", ELLIPSIS))
+    words = shlex.split(command)
     env = {}
     while words and re.match(r"^[A-Z_]+=", words[0]):
         key, value = words.pop(0).split("=", 1)
@@ -126,7 +126,8 @@ def env_and_words(command: str) -> tuple[dict, list[str]]:
 
 
 def shrunk(command: str, runs) -> tuple[dict, list[str]]:
-    """(environment additions, argv) of a README command, shrunk to run in seconds."""
+    """(environment additions, argv) of a README command, shrunk to run in seconds: `...`
+    expanded first, since the flags it stands for carry a `runs/` workdir too."""
     env, words = env_and_words(command.replace("...", ELLIPSIS).replace("runs/", f"{runs}/"))
     if words[:2] == ["make", "train"]:
         return env, ["make", "--assume-old=.venv/.installed", "train", f"PY={sys.executable}",
