@@ -34,8 +34,8 @@ afterwards, as a check:
 - guidance_max_t (on a 1,100-step batch-64 checkpoint, w = 2): 1.0 (guided everywhere) 97.7% /
   740, 0.9 96.9% / 598, 0.85 95.0% / 546, 0.8 93.6% / 533, 0.5 87.1% / 587. Guiding the noisiest
   steps costs diversity (Kynkäänniemi et al. 2024); guiding too few loses the class.
-- Also tried (batch 64, 1,100 steps): v-prediction with Min-SNR, 98.9% / 859; uniform loss
-  weights, guided everywhere, 96.9% / 765; DDIM eta = 1, 99.7% / 964.
+- Also tried (batch 64, 1,100 steps, guided at every step with w = 2): v-prediction with
+  Min-SNR, 98.9% / 859; uniform loss weights, 96.9% / 765; DDIM eta = 1, 99.7% / 964.
 """
 
 from genai_jax.config import base_config

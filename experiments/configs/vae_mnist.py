@@ -13,7 +13,8 @@ evaluations and the one-off training of the scoring classifier (~1,800-2,300 exa
 Held-out importance-weighted NLL (k = 100): 75.5 nats with thresholded pixels (ELBO -79.9),
 91.2 nats with pixels drawn once (`python -m experiments.evaluate --workdir=... --set=
 eval.binarize=stochastic`, ELBO -95.7), both under the 100-nat target. Samples are blurry but
-legible digits (the decoder's mean); classifier Fréchet distance 1241 (floor 387).
+legible digits (the decoder's mean); classifier Fréchet distance 1241 (floor 387). Re-run
+2026-11-29 with the classifier cached: 450 s wall, the same 75.5 nats and ELBO -79.9.
 """
 
 from genai_jax.config import base_config
