@@ -90,13 +90,23 @@ def user_errors_as_one_line(main):
 
     @functools.wraps(main)
     def wrapped(argv):
+        logging.get_absl_logger().addFilter(_no_library_tracebacks)
         try:
             return main(argv)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
+            sys.stderr.write(f"error: {e}\n")  # one write: other threads may print too
+            sys.stderr.flush()
             sys.exit(2)
 
     return wrapped
+
+
+def _no_library_tracebacks(record) -> bool:
+    """Orbax logs a failed background save with its traceback before the checkpointer raises
+    it as one CheckpointWriteError line: keep Orbax's message, drop the traceback."""
+    if "/orbax/" in record.pathname:
+        record.exc_info, record.exc_text = None, None
+    return True
 
 
 def load_workdir_config(workdir: str):

@@ -1,32 +1,76 @@
 """Orbax checkpoints of the training state: periodic, asynchronous, atomic, keep the last N.
 
-Orbax writes each step into a temporary directory and renames it when complete, so a crash or a
-kill mid-save never leaves a half checkpoint that a restart would pick up.
+Crash safety, layer by layer:
+- Orbax writes each step into a temporary directory and renames it when complete, so a kill
+  mid-save leaves no step directory that a restart would pick up (leftover temporary
+  directories are removed when the next run opens the directory).
+- A step directory that is there but cannot be read (a file cut short or missing) is moved to
+  `checkpoints_unreadable/` with one warning line, and the run resumes from the newest step
+  that reads; when none does, it stops with one error line instead of starting afresh over a
+  workdir that has checkpoints.
+- A save that fails (disk full, I/O error, a file-size limit) raises `CheckpointWriteError` at
+  the next save or at `wait`; the previous checkpoints are untouched (Orbax deletes old steps
+  only after a new one is finalised).
 """
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
+
+from genai_jax.errors import UserError
+
+UNREADABLE_DIR = "checkpoints_unreadable"
+
+
+class CheckpointError(UserError):
+    pass
+
+
+class CheckpointWriteError(CheckpointError):
+    pass
 
 
 class Checkpointer:
     def __init__(self, directory: str | pathlib.Path, *, keep: int = 3, async_save: bool = True,
                  create: bool = True):
+        self.directory = pathlib.Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
-                                               enable_async_checkpointing=async_save)
-        self._manager = ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options)
+                                               enable_async_checkpointing=async_save,
+                                               cleanup_tmp_directories=create)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._saving: int | None = None  # the step of the save in flight, if any
+        self._last_saved: int | None = self._manager.latest_step()
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
     def save(self, step: int, state, meta: dict) -> None:
-        """Start saving `state` (a pytree of jax.Arrays) and `meta` (JSON) as `step`."""
-        self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                         meta=ocp.args.JsonSave(meta)),
-                           force=True)
+        """Start saving `state` (a pytree of jax.Arrays) and `meta` (JSON) as `step`; a failure
+        of the previous save is raised here."""
+        self.wait()
+        self._saving = step
+        with self._write_errors():
+            self._manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        if not self._manager.is_saving_in_progress():
+            self.wait()  # synchronous saves: check at once
+
+    def wait(self) -> None:
+        """Block until the save in flight is complete; raise CheckpointWriteError if it failed."""
+        if self._saving is None:
+            return
+        with self._write_errors():
+            self._manager.wait_until_finished()
+            self._manager.check_for_errors()
+            if self._manager.latest_step() != self._saving:  # Orbax skipped its finalisation
+                raise OSError("the checkpoint was not completed (see the log above)")
+        self._last_saved, self._saving = self._saving, None
 
     def restore(self, step: int, abstract_state) -> tuple[object, dict]:
         """Restore onto the shardings of `abstract_state` (ShapeDtypeStructs with `.sharding`),
@@ -35,11 +79,63 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         return restored["state"], restored["meta"]
 
-    def wait(self) -> None:
-        self._manager.wait_until_finished()
+    def restore_latest(self, abstract_state) -> tuple[int, object, dict] | None:
+        """`(step, state, meta)` of the newest checkpoint that reads, None when there is none.
+
+        Unreadable newer steps are moved aside (one warning each); if steps exist and none
+        reads, raise CheckpointError rather than let the caller start afresh."""
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        failures = []
+        for step in steps:
+            try:
+                state, meta = self.restore(step, abstract_state)
+            except Exception as e:  # noqa: BLE001 - any failure to read means "unreadable"
+                failures.append(f"step {step}: {_first_line(e)}")
+                continue
+            for bad in steps[:steps.index(step)]:
+                self._move_aside(bad)
+                logging.warning("the checkpoint of step %d in %s cannot be read (%s); moved it "
+                                "to %s and resumed from step %d", bad, self.directory,
+                                failures[steps.index(bad)], UNREADABLE_DIR, step)
+            self._last_saved = step
+            return step, state, meta
+        if failures:
+            raise CheckpointError(
+                f"no checkpoint in {self.directory} can be read ({'; '.join(failures[:2])}): "
+                "restore a good copy, or move the checkpoints directory away to start afresh")
+        return None
 
     def close(self) -> None:
         self._manager.close()
+
+    def _move_aside(self, step: int) -> None:
+        if jax.process_index() != 0:
+            return
+        target = self.directory.parent / UNREADABLE_DIR
+        target.mkdir(exist_ok=True)
+        shutil.move(str(self.directory / str(step)), str(target / str(step)))
+        self._manager.reload()
+
+    @contextlib.contextmanager
+    def _write_errors(self):
+        """Any failure of a save as one CheckpointWriteError line."""
+        try:
+            yield
+        except CheckpointError:
+            raise
+        except Exception as error:  # noqa: BLE001 - disk full, EFBIG, tensorstore errors...
+            step, self._saving = self._saving, None
+            kept = ("no earlier checkpoint exists" if self._last_saved is None else
+                    f"the checkpoint of step {self._last_saved} is intact")
+            raise CheckpointWriteError(f"could not write the checkpoint of step {step} to "
+                                       f"{self.directory}: {_first_line(error)}; {kept}"
+                                       ) from error
+
+
+def _first_line(error: BaseException) -> str:
+    """The gist of `error` for a one-line message (TensorStore appends pages of its spec)."""
+    text = str(error).split(". See full TensorStore details")[0].strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:200]
 
 
 def abstract_with_shardings(abstract_state, shardings):

@@ -47,5 +47,16 @@ def _json_number(x: float):
 
 
 def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
+    """The records of `metrics.jsonl`, one per step in step order. A run that resumed from a
+    checkpoint logs the steps after it again (they are appended): the last record of a step is
+    the one that counts. A line cut short by a kill is skipped."""
     path = pathlib.Path(workdir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    by_step = {}
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the last line of a killed run (blank lines too)
+        by_step.pop(record["step"], None)
+        by_step[record["step"]] = record
+    return sorted(by_step.values(), key=lambda r: r["step"])
