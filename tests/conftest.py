@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import tempfile
 
 import pytest
 
@@ -59,13 +60,18 @@ def env():
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _classifier_cache(tmp_path_factory):
-    """Evaluation classifiers train once per test session, in a cache of its own (shared by
-    the workers of `pytest -n`, whose temporary directories sit side by side)."""
+def _private_cache_and_tmp(tmp_path_factory):
+    """Tests write nothing outside their own directories: the embedded data sets and the
+    evaluation classifiers are built once per test session into a cache of its own (shared by
+    the workers of `pytest -n`, whose temporary directories sit side by side), and temporary
+    files (TFDS leaves an empty one per builder it constructs) go below the session's."""
     root = tmp_path_factory.getbasetemp()
     if "PYTEST_XDIST_WORKER" in os.environ:
         root = root.parent
     os.environ["GENAI_JAX_CACHE"] = str(root / "genai_jax_cache")
+    scratch = tmp_path_factory.getbasetemp() / "tmp"
+    scratch.mkdir(exist_ok=True)
+    os.environ["TMPDIR"] = tempfile.tempdir = str(scratch)
 
 
 def image_data_config(name: str = "digits", **overrides):

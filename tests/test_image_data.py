@@ -32,6 +32,16 @@ def test_digits_is_embedded_and_split_by_index(digits):
                                   load_digits().target[[0, 10, 20]])
 
 
+def test_embedded_data_is_built_into_the_cache_not_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("GENAI_JAX_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "home").mkdir()
+    data = load_images(image_data_config("digits"))
+    assert len(data.train) == 1617
+    assert (tmp_path / "cache" / "tensorflow_datasets" / "digits").is_dir()
+    assert not any((tmp_path / "home").iterdir())
+
+
 def _write_idx(path, array: np.ndarray):
     header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
         d.to_bytes(4, "big") for d in array.shape)

@@ -27,6 +27,7 @@ import pathlib
 import numpy as np
 import tensorflow_datasets as tfds
 
+from genai_jax import paths
 from genai_jax.data.tokenizers import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -92,7 +93,7 @@ class Digits(tfds.core.GeneratorBasedBuilder):
 
 
 def digits(data_cfg) -> tuple[ArraySource, ArraySource, int]:
-    builder = Digits(data_dir=_data_dir(data_cfg), file_format="array_record")
+    builder = Digits(data_dir=paths.embedded_data_dir(data_cfg), file_format="array_record")
     if not builder.is_prepared():
         builder.download_and_prepare()
     splits = []

@@ -18,6 +18,7 @@ import pathlib
 
 import numpy as np
 
+from genai_jax import paths
 from genai_jax.data.tokenizers import DataError, Tokenizer
 
 DOCUMENT_SEPARATOR = b"\0"
@@ -85,7 +86,8 @@ def _tfds_text(data_cfg, split: str) -> bytes:
     if data_cfg.name == "stdlib_code":
         from genai_jax.data.stdlib_code import StdlibCode
 
-        builder = StdlibCode(data_dir=data_dir, file_format="array_record")
+        builder = StdlibCode(data_dir=paths.embedded_data_dir(data_cfg),
+                             file_format="array_record")
         if not builder.is_prepared():
             builder.download_and_prepare()
     else:
