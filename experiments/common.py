@@ -7,6 +7,7 @@ import functools
 import os
 import pathlib
 import sys
+import traceback
 
 import jax
 from absl import flags, logging
@@ -48,6 +49,8 @@ def start_distributed() -> None:
     """Connect to the other processes of a multi-process run (nothing for one process)."""
     started = parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                   cluster_detect=_CLUSTER_DETECT.value)
+    if started:
+        parallel.stop_when_another_process_fails(_exit_with_error)
     for variable, launcher in _LAUNCHER_TASKS.items():
         if not started and (_env_int(variable) or 1) > 1:
             raise UserError(f"{launcher} started {os.environ[variable]} tasks but this one is not "
@@ -94,11 +97,26 @@ def user_errors_as_one_line(main):
         try:
             return main(argv)
         except UserError as e:
-            sys.stderr.write(f"error: {e}\n")  # one write: other threads may print too
-            sys.stderr.flush()
-            sys.exit(2)
+            _exit_with_error(str(e), hard=parallel.publish_error(str(e)))
+        except Exception as e:  # a bug: its traceback here, its line to the other processes
+            if not parallel.publish_error(f"{type(e).__name__}: {e}"):
+                raise
+            traceback.print_exc()
+            _exit_with_error("see the traceback above")
 
     return wrapped
+
+
+def _exit_with_error(line: str, hard: bool = True) -> None:
+    """`error: line` on stderr, exit status 2. `hard` ends the process at once, as every
+    process of a multi-process run that fails must: the others are leaving too, so JAX's own
+    exit (a shutdown barrier of all processes) would abort, and a process that heard of
+    another's failure has its main thread blocked in a collective."""
+    sys.stderr.write(f"error: {line}\n")  # one write: other threads may print too
+    sys.stderr.flush()
+    if hard:
+        os._exit(2)
+    sys.exit(2)
 
 
 def _no_library_tracebacks(record) -> bool:

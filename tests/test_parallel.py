@@ -365,16 +365,45 @@ def test_two_processes_sample_a_gan_sharded_over_both(env, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_process_stops_every_process_at_one_step(text_file, env, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_to_one_process_stops_every_process_at_one_step(stop, text_file, env,
+                                                                           tmp_path):
     procs = launch(tmp_path, text_file, env, 2, 1, "--config.train.steps=100000",
                    "--config.checkpoint.every=100000", "--nosample")
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.exists() and metrics.read_text()):
         time.sleep(0.5)
-    procs[1].send_signal(signal.SIGTERM)
+    procs[1].send_signal(stop)
     outs = finish(procs, timeout=120)
     steps = [int(p.name) for p in (tmp_path / "checkpoints").iterdir()]
     assert len(steps) == 1 and steps[0] >= 5
     for _, err in outs:
         assert f"agreed by all processes): saved a checkpoint at step {steps[0]}" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("failing", [0, 1])
+def test_an_error_on_one_process_stops_every_process_with_its_line(failing, text_file, env,
+                                                                   tmp_path):
+    """The failing process's data path does not exist; the other one is already waiting for
+    it in a collective and would wait for the coordination service's timeout (minutes)."""
+    port = free_port()
+    procs = []
+    for i in range(2):
+        path = tmp_path / "missing.txt" if i == failing else text_file
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "experiments.train", f"--config={CHAR}",
+             f"--workdir={tmp_path / 'run'}", *TINY, f"--config.data.path={path}",
+             "--config.train.batch_size=8", f"--coordinator_address=127.0.0.1:{port}",
+             "--num_processes=2", f"--process_id={i}"],
+            cwd=ROOT, env={**env, "JAX_NUM_CPU_DEVICES": "1"}, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True))
+    t0 = time.time()
+    errs = [p.communicate(timeout=240)[1] for p in procs]
+    assert time.time() - t0 < 120  # the coordination service's own timeouts are minutes
+    for i, (p, err) in enumerate(zip(procs, errs, strict=True)):
+        assert p.returncode == 2, err[-2000:]
+        line = error_line(subprocess.CompletedProcess([], p.returncode, "", err))
+        assert "missing.txt" in line and "does not exist" in line, err[-2000:]
+        assert line.startswith(f"error: process {failing} failed: ") == (i != failing), line

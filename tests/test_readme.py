@@ -48,6 +48,8 @@ ELSEWHERE = {
                                           "runs it on small shapes",
     "gcloud compute tpus": "needs a Cloud TPU slice; the command it runs on each worker is "
                            "the multi-host one above",
+    "--workdir=runs/dp8": "test_data_parallel_cli.py::"
+                          "test_lm_char_data_parallel_runs_to_completion runs it unshrunk",
 }
 
 # Appended to shrink a training run (later flags win): a few steps, one evaluation, one

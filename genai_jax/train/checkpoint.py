@@ -40,6 +40,7 @@ class Checkpointer:
     def __init__(self, directory: str | pathlib.Path, *, keep: int = 3, async_save: bool = True,
                  create: bool = True):
         self.directory = pathlib.Path(directory).absolute()
+        self._writable = create  # read-only users (sampling, evaluation) never move anything
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
                                                enable_async_checkpointing=async_save,
                                                cleanup_tmp_directories=create)
@@ -93,10 +94,11 @@ class Checkpointer:
                 failures.append(f"step {step}: {_first_line(e)}")
                 continue
             for bad in steps[:steps.index(step)]:
-                self._move_aside(bad)
-                logging.warning("the checkpoint of step %d in %s cannot be read (%s); moved it "
-                                "to %s and resumed from step %d", bad, self.directory,
-                                failures[steps.index(bad)], UNREADABLE_DIR, step)
+                moved = self._move_aside(bad)
+                logging.warning("the checkpoint of step %d in %s cannot be read (%s); %s step %d",
+                                bad, self.directory, failures[steps.index(bad)],
+                                f"moved it to {UNREADABLE_DIR} and resumed from" if moved else
+                                "using", step)
             self._last_saved = step
             return step, state, meta
         if failures:
@@ -108,13 +110,16 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.close()
 
-    def _move_aside(self, step: int) -> None:
-        if jax.process_index() != 0:
-            return
-        target = self.directory.parent / UNREADABLE_DIR
-        target.mkdir(exist_ok=True)
-        shutil.move(str(self.directory / str(step)), str(target / str(step)))
+    def _move_aside(self, step: int) -> bool:
+        """Move an unreadable step out of the way of new saves (process 0 of a training run)."""
+        if not self._writable:
+            return False
+        if jax.process_index() == 0:
+            target = self.directory.parent / UNREADABLE_DIR
+            target.mkdir(exist_ok=True)
+            shutil.move(str(self.directory / str(step)), str(target / str(step)))
         self._manager.reload()
+        return True
 
     @contextlib.contextmanager
     def _write_errors(self):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import pathlib
 import signal
 import threading
@@ -228,13 +229,14 @@ def _build_data_in_turn(config, workdir: pathlib.Path) -> data_lib.Pipeline:
 
 @contextlib.contextmanager
 def _stop_on_signals():
-    """SIGTERM/SIGINT set a flag; the loop then checkpoints and returns cleanly.
+    """SIGTERM/SIGINT (Ctrl-C) set a flag; the loop then checkpoints and returns cleanly.
 
     With several processes every one must stop at the same step (each checkpoint and collective
     needs them all), so there JAX's preemption service handles SIGTERM instead: a SIGTERM to
     any process makes all of them agree on the step to stop at
-    (`multihost_utils.reached_preemption_sync_point`, asked after every call). SIGINT keeps its
-    default there (an interrupt without a checkpoint; the last periodic one stays).
+    (`multihost_utils.reached_preemption_sync_point`, asked after every call), and a SIGINT is
+    passed on to it as a SIGTERM to this process, so Ctrl-C on any process stops them all at
+    one step with a checkpoint too.
     """
     stop = {"signal": None}
 
@@ -242,8 +244,15 @@ def _stop_on_signals():
         del frame
         stop["signal"] = signal.Signals(signum).name
 
-    signals = (signal.SIGTERM, signal.SIGINT) if jax.process_count() == 1 else ()
-    previous = {s: signal.signal(s, handler) for s in signals}
+    def forward_as_sigterm(signum, frame):
+        del signum, frame
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    if jax.process_count() == 1:
+        handlers = {signal.SIGTERM: handler, signal.SIGINT: handler}
+    else:
+        handlers = {signal.SIGINT: forward_as_sigterm}
+    previous = {s: signal.signal(s, h) for s, h in handlers.items()}
     try:
         yield stop
     finally:
@@ -305,7 +314,7 @@ def _loop(run: Run, progress: bool, stop_at_step: int | None) -> None:
                 stop["signal"] = f"stop_at_step={step}"
             if jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(
                     step // k):
-                stop["signal"] = "SIGTERM (preemption, agreed by all processes)"
+                stop["signal"] = "SIGTERM or SIGINT (preemption, agreed by all processes)"
             stopping = stop["signal"]  # read once: a signal may land at any line below
             do_eval = step % cfg.eval.every == 0 or step == steps
             do_ckpt = step % cfg.checkpoint.every == 0 or step == steps or stopping
