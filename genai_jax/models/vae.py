@@ -42,8 +42,7 @@ from genai_jax.config import ConfigError
 from genai_jax.models import images
 from genai_jax.models.family import Family
 from genai_jax.models.vae_nets import NetConfig, VAENets
-from genai_jax.train.optim import learning_rate_schedule, make_optimizer
-from genai_jax.train.state import TrainState, make_train_step
+from genai_jax.optim import TrainState, learning_rate_schedule, make_optimizer, make_train_step
 
 LIKELIHOODS = ("bernoulli", "logistic", "gaussian")
 MIN_LOG_SCALE = -7.0  # PixelCNN++'s floor: far below a bin's half-width (log(1/255) = -5.5)
