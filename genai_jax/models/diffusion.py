@@ -36,9 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from genai_jax import config as config_lib
+from genai_jax import config_checks as config_lib
 from genai_jax import parallel
-from genai_jax.config import ConfigError
+from genai_jax.config_checks import ConfigError
 from genai_jax.models import images
 from genai_jax.models.family import Family
 from genai_jax.nn import IMPLEMENTATIONS, REMAT_POLICIES

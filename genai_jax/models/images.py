@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from genai_jax import parallel
-from genai_jax.config import ConfigError
+from genai_jax.config_checks import ConfigError
 from genai_jax.models.family import Family
 
 # (state, rng, labels int32 [n]) -> generated x in model range: [n, H, W, C] or [n, dim]

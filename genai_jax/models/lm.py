@@ -10,8 +10,8 @@ import jax
 import optax
 from flax import nnx
 
-from genai_jax import config as config_lib
-from genai_jax.config import ConfigError
+from genai_jax import config_checks as config_lib
+from genai_jax.config_checks import ConfigError
 from genai_jax.evaluation.lm import lm_metrics
 from genai_jax.models.family import Family
 from genai_jax.models.transformer import Transformer, TransformerConfig, init_cache
