@@ -39,6 +39,7 @@ from jax.scipy.special import log_ndtr
 from genai_jax import config_checks as config_lib
 from genai_jax import parallel
 from genai_jax.config_checks import ConfigError
+from genai_jax.data import toys
 from genai_jax.models import images
 from genai_jax.models.family import Family
 from genai_jax.models.vae_nets import NetConfig, VAENets
@@ -70,8 +71,6 @@ def config_defaults() -> dict:
 
 
 def validate(config) -> None:
-    from genai_jax.data import toys
-
     m = config.model
     config_lib.check_choices(config, {"model.likelihood": LIKELIHOODS,
                                       "model.scale": ("per_pixel", "learned"),
