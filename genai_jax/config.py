@@ -3,7 +3,8 @@
 Experiment files in `experiments/configs/` start from `base_config(family)` and set their own
 values; `validate` rejects impossible values with one line that names the key and the fix
 (unknown keys and wrong types are already rejected by the locked `ConfigDict` and
-`config_flags`).
+`config_flags`). It composes the families' defaults, so it sits above `genai_jax.models`; the
+families check their own keys with `genai_jax.config_checks` (whose `ConfigError` is this one).
 """
 
 from __future__ import annotations
@@ -13,18 +14,13 @@ import pathlib
 
 import ml_collections
 
-from genai_jax.errors import UserError
-
-
-class ConfigError(UserError):
-    """A config value that cannot work; the message names the key and the fix."""
+from genai_jax import data, models, parallel
+from genai_jax.config_checks import ConfigError, check_positive, get, get_or_none
 
 
 def base_config(family: str = "transformer") -> ml_collections.ConfigDict:
     """Defaults every experiment shares, with `family`'s model and sampling defaults and its
     data modality's data defaults (`genai_jax.models.FAMILIES`)."""
-    from genai_jax import data, models, parallel
-
     defaults = models.module(family).config_defaults()
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -49,38 +45,9 @@ _POSITIVE = ("train.steps", "train.batch_size", "train.grad_accum_steps", "train
              "checkpoint.keep", "sample.num_samples")
 
 
-def get(config, dotted: str):
-    """`config` at a dotted key, e.g. `get(config, "model.num_heads")`."""
-    node = config
-    for part in dotted.split("."):
-        node = node[part]
-    return node
-
-
-def _get_or_none(config, dotted: str):
-    try:
-        return get(config, dotted)
-    except (KeyError, AttributeError):
-        return None
-
-
-def check_choices(config, choices: dict[str, tuple]) -> None:
-    for key, allowed in choices.items():
-        if get(config, key) not in allowed:
-            raise ConfigError(f"{key}={get(config, key)!r} is not one of {list(allowed)}")
-
-
-def check_positive(config, keys) -> None:
-    for key in keys:
-        if get(config, key) <= 0:
-            raise ConfigError(f"{key}={get(config, key)} must be positive")
-
-
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raise ConfigError for the first impossible value found: the keys every experiment has
     here, then the family's own (`validate` of its module)."""
-    from genai_jax import models, parallel
-
     if config.model.family not in models.FAMILIES:
         raise ConfigError(f"model.family={config.model.family!r} is not one of "
                           f"{sorted(models.FAMILIES)}")
@@ -148,7 +115,7 @@ def incompatibilities(saved: ml_collections.ConfigDict,
     current = ml_collections.ConfigDict(json.loads(current.to_json_best_effort()))
     out = []
     for key in _STATE_KEYS:
-        a, b = _get_or_none(saved, key), _get_or_none(current, key)
+        a, b = get_or_none(saved, key), get_or_none(current, key)
         if isinstance(a, ml_collections.ConfigDict):
             out += [f"{key}.{k}: {a[k]!r} -> {b.get(k)!r}" for k in a
                     if a[k] != b.get(k) and f"{key}.{k}" not in _COMPUTE_ONLY]

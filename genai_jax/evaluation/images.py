@@ -27,6 +27,7 @@ import numpy as np
 import scipy.linalg
 
 from genai_jax.data import toys
+from genai_jax.data.pixels import to_uint8
 from genai_jax.evaluation import classifier as classifier_lib
 
 
@@ -87,8 +88,6 @@ class SampleEvaluator:
             return self._points(np.asarray(x))
         if not self.data.num_classes:
             return {}  # no labels, no classifier: nothing in-domain to score with
-        from genai_jax.models.images import to_uint8
-
         feats, probs = self._features_and_probs(to_uint8(x))
         real = self._real
         train = self._reference["train"]

@@ -36,16 +36,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from genai_jax import config as config_lib
+from genai_jax import config_checks as config_lib
 from genai_jax import parallel
-from genai_jax.config import ConfigError
+from genai_jax.config_checks import ConfigError
 from genai_jax.models import images
 from genai_jax.models.family import Family
 from genai_jax.nn import IMPLEMENTATIONS, REMAT_POLICIES
 from genai_jax.nn.unet import UNetConfig, make_denoiser
+from genai_jax.optim import TrainState, learning_rate_schedule, make_optimizer, make_train_step
 from genai_jax.sampling import diffusion as diff
-from genai_jax.train.optim import learning_rate_schedule, make_optimizer
-from genai_jax.train.state import TrainState, make_train_step
 
 EVAL_NOISE_SEED = 1234  # the held-out loss uses the same noise at every evaluation
 

@@ -6,9 +6,8 @@ Data contract (`genai_jax.data.images`): a batch is `{"x": ..., "label": int32 [
 2-D toy distributions; `data_info` has `kind` ("image" | "points"), `shape` (of one example),
 `num_classes` (0 when the data has no labels) and `data` (the `ImageData`, for evaluation).
 
-Pixel scaling: every family sees images in [-1, 1] (`to_model`, `x / 127.5 - 1`) and hands
-generated images back in [-1, 1] (`to_uint8` inverts it); the VAE's Bernoulli likelihood
-binarises the [0, 1] pixels instead (`binarize`). Toy points pass through unscaled.
+Pixel scaling (`to_model`, `to_uint8`, `binarize`) is `genai_jax.data.pixels`'s, re-exported here
+so that a family reads `images.to_model(x)`.
 """
 
 from __future__ import annotations
@@ -22,35 +21,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from genai_jax import parallel
-from genai_jax.config import ConfigError
+from genai_jax.config_checks import ConfigError
+from genai_jax.data.pixels import binarize, to_model, to_uint8  # noqa: F401 (re-exported)
+from genai_jax.evaluation.images import SampleEvaluator
 from genai_jax.models.family import Family
 
 # (state, rng, labels int32 [n]) -> generated x in model range: [n, H, W, C] or [n, dim]
 Generate = Callable[[object, jax.Array, jax.Array], jax.Array]
 # (state, rng, directory, step) -> {name: path} of extra pictures it wrote
 Extras = Callable[[object, jax.Array, pathlib.Path, int], dict[str, str]]
-
-
-def to_model(x: jax.Array) -> jax.Array:
-    """Batch `x` as float32 in the model's range: uint8 pixels to [-1, 1]; points unchanged."""
-    if x.dtype == jnp.uint8:
-        return x.astype(jnp.float32) / 127.5 - 1.0
-    return x.astype(jnp.float32)
-
-
-def to_uint8(x) -> np.ndarray:
-    """Images in [-1, 1] back to uint8 pixels."""
-    return np.asarray(np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255),
-                      np.uint8)
-
-
-def binarize(x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
-    """uint8 pixels as {0, 1} float32: sampled with probability pixel/255 when `rng` is given
-    (dynamic binarisation, for training), else thresholded at 1/2 (fixed, for evaluation)."""
-    p = x.astype(jnp.float32) / 255.0
-    if rng is None:
-        return (p > 0.5).astype(jnp.float32)
-    return jax.random.bernoulli(rng, p).astype(jnp.float32)
 
 
 def check_conditional(config, data_info: dict) -> None:
@@ -144,7 +123,7 @@ def make_family(config, data_info: dict, *, init, train_step, eval_step, generat
             paths.update(extras(outputs["state"], outputs["rng"], directory, step))
         return "\n".join(f"{name}: {path}" for name, path in paths.items())
 
-    evaluator = functools.cache(lambda: _evaluator(config, data_info))
+    evaluator = functools.cache(lambda: SampleEvaluator(data_info, seed=config.seed))
 
     def sample_eval(state, rng: jax.Array, directory: str, step: int) -> dict[str, float]:
         outputs = sample(state, rng, num_samples=config.eval.num_samples)
@@ -155,9 +134,3 @@ def make_family(config, data_info: dict, *, init, train_step, eval_step, generat
                   save_samples=save_samples, summarize_eval=summarize_eval or (lambda m: m),
                   sample_eval=sample_eval if config.eval.num_samples else None,
                   tokens_per_example=1, throughput_unit="examples")
-
-
-def _evaluator(config, data_info):
-    from genai_jax.evaluation.images import SampleEvaluator
-
-    return SampleEvaluator(data_info, seed=config.seed)

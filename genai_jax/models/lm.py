@@ -10,15 +10,14 @@ import jax
 import optax
 from flax import nnx
 
-from genai_jax import config as config_lib
-from genai_jax.config import ConfigError
+from genai_jax import config_checks as config_lib
+from genai_jax.config_checks import ConfigError
 from genai_jax.evaluation.lm import lm_metrics
 from genai_jax.models.family import Family
 from genai_jax.models.transformer import Transformer, TransformerConfig, init_cache
 from genai_jax.nn import IMPLEMENTATIONS, REMAT_POLICIES
+from genai_jax.optim import TrainState, learning_rate_schedule, make_optimizer, make_train_step
 from genai_jax.sampling.decode import generate
-from genai_jax.train.optim import learning_rate_schedule, make_optimizer
-from genai_jax.train.state import TrainState, make_train_step
 
 
 def config_defaults() -> dict:

@@ -36,14 +36,14 @@ import numpy as np
 from flax import nnx
 from jax.scipy.special import log_ndtr
 
-from genai_jax import config as config_lib
+from genai_jax import config_checks as config_lib
 from genai_jax import parallel
-from genai_jax.config import ConfigError
+from genai_jax.config_checks import ConfigError
+from genai_jax.data import toys
 from genai_jax.models import images
 from genai_jax.models.family import Family
 from genai_jax.models.vae_nets import NetConfig, VAENets
-from genai_jax.train.optim import learning_rate_schedule, make_optimizer
-from genai_jax.train.state import TrainState, make_train_step
+from genai_jax.optim import TrainState, learning_rate_schedule, make_optimizer, make_train_step
 
 LIKELIHOODS = ("bernoulli", "logistic", "gaussian")
 MIN_LOG_SCALE = -7.0  # PixelCNN++'s floor: far below a bin's half-width (log(1/255) = -5.5)
@@ -71,8 +71,6 @@ def config_defaults() -> dict:
 
 
 def validate(config) -> None:
-    from genai_jax.data import toys
-
     m = config.model
     config_lib.check_choices(config, {"model.likelihood": LIKELIHOODS,
                                       "model.scale": ("per_pixel", "learned"),

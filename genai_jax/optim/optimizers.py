@@ -20,6 +20,7 @@ def decay_mask(params):
 
 
 def make_optimizer(train_cfg) -> optax.GradientTransformation:
+    """AdamW on `learning_rate_schedule`, after global-norm clipping when `grad_clip > 0`."""
     parts = []
     if train_cfg.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(train_cfg.grad_clip))

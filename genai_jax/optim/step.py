@@ -1,0 +1,44 @@
+"""The generic train step of a family with one loss: gradients, update, EMA, metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import optax
+
+from genai_jax.optim.accumulate import accumulate_gradients
+from genai_jax.optim.ema import ema_update
+from genai_jax.optim.state import TrainState
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+# (params, batch, rng) -> (scalar loss, metrics)
+LossFn = Callable[[Any, Batch, jax.Array], tuple[jax.Array, Metrics]]
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, accum_steps: int = 1,
+                    ema_decay: float = 0.0, schedule: optax.Schedule | None = None):
+    """`train_step(state, batch) -> (state, metrics)` for a family with one loss.
+
+    With `accum_steps > 1` the batch is split into that many micro-batches whose gradients are
+    averaged (`accumulate_gradients`); the update is the same as one step on the whole batch.
+    The EMA, when the state keeps one, follows `ema_update`'s warm-up rule.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state: TrainState, batch: Batch):
+        rng = jax.random.fold_in(state.rng, state.step)
+        (loss, metrics), grads = accumulate_gradients(grad_fn, state.params, batch, rng,
+                                                      accum_steps)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = ema_update(state.ema, params, state.step, ema_decay)
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+        if schedule is not None:
+            metrics["learning_rate"] = schedule(state.step)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema)
+        return new_state, metrics
+
+    return train_step
