@@ -37,7 +37,7 @@ bench: install
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m experiments.benchmark --config=experiments/configs/lm_char.py \
 		--config.data.path=../shared/data/tinyshakespeare.txt \
-		--peer=../shared/bench/torch_gpt_ref.py --rounds=3
+		--peer=../shared/bench/torch_gpt_ref.py --rounds=5
 
 clean:
 	rm -rf runs

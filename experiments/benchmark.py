@@ -4,17 +4,23 @@
         --config.data.path=../shared/data/tinyshakespeare.txt
     python -m experiments.benchmark --config=experiments/configs/diffusion_digits.py
 
-Figures: training throughput (tokens/s for the LM, examples/s for image families) and step time
-(median of `--rounds` timed rounds of `--steps` steps, in calls of `train.steps_per_call`, after
-the first compiled call), first-step compile time, model FLOPs (LM: 6N + 12·L·T·D per token,
-N = parameters without the position table; image families: XLA's cost analysis of the compiled
-step, per example), MFU against the device's peak, sampling speed (LM: decode tokens/s with the
-KV cache; images: seconds for `sample.num_samples` images), and peak memory where the platform
-reports it.
+Figures: training throughput (tokens/s for the LM, examples/s for image families) over
+`--rounds` timed rounds of `--steps` steps (in calls of `train.steps_per_call`, after the first
+compiled call): the median, and the spread (each round, min, max, (max - min) / median) since
+one shared machine's rounds differ; step time; first-step compile time; model FLOPs (LM:
+6N + 12·L·T·D per token, N = parameters without the position table; image families: XLA's
+count of one optimizer step compiled on its own, per example: the trainer's `lax.scan` over
+`steps_per_call` steps, and gradient accumulation's over micro-batches, would each be counted
+once by XLA, whatever their trip count); sampling speed (LM: decode tokens/s with the KV cache;
+images: seconds for `sample.num_samples` images); peak memory where the platform reports it.
 
-The peak is *measured* (`peak_source`): the best time of a square matrix product in the model's
-compute dtype (4096 on GPU/TPU, 1024 on CPU), so MFU reads as "fraction of what this device's
-matmul unit really does", on any platform, with no spec sheet to trust.
+`mfu` is model FLOPs per second against the device's peak (`peak_flops`, `peak_source`): the
+published dense figure for the GPU and TPU kinds of `genai_jax.evaluation.flops`, or on a CPU
+the peak derived from `lscpu` (cores x FMA units x lanes x 2 x clock, assumptions named in
+`peak_source`). XLA's simulated CPU devices share one host, so on CPU the peak counts once per
+process, not per device (`peak_note`). `mfu_vs_timed_matmul` is the same FLOPs against the best
+time of a square matrix product in the model's compute dtype (4096 on GPU/TPU, 1024 on CPU):
+the fraction of what this device's matmul unit does in practice.
 
 `--peer=../shared/bench/torch_gpt_ref.py` also runs that PyTorch script between our rounds
 (alternating, so both see the same machine state) and reports its tokens/s and our ratio.
@@ -43,6 +49,7 @@ from experiments.common import (
     user_errors_as_one_line,
 )
 from genai_jax import models, parallel
+from genai_jax.evaluation import flops as flops_lib
 from genai_jax.train import prepare
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file",
@@ -55,6 +62,7 @@ flags.mark_flags_as_required(["config"])
 
 
 def measured_peak_flops(dtype) -> tuple[float, str]:
+    """The best of five timed `n x n` matmuls on one device, as FLOP/s."""
     n = 1024 if jax.default_backend() == "cpu" else 4096
     a = jnp.ones((n, n), dtype)
     matmul = jax.jit(lambda x, y: x @ y)
@@ -77,6 +85,49 @@ def model_flops_per_token(params, cfg) -> float:
     n -= sum(v for k, v in counts.items() if "pos_embed" in k)  # lookups, not matmuls
     attention = 12 * cfg.model.num_layers * cfg.model.block_size * cfg.model.embed_dim
     return 6 * n + attention
+
+
+def train_flops_per_example(run) -> float:
+    """XLA's FLOP count of one optimizer step of an image family, per example.
+
+    The step is compiled on its own, outside the trainer's `lax.scan` over `steps_per_call`
+    steps, and with `grad_accum_steps=1` (one batch, no scan over micro-batches): XLA's cost
+    analysis counts a loop body once, so either loop would divide the figure by its trip
+    count. Compiled only, never run, so the unaccumulated batch costs no memory.
+    """
+    cfg = run.config.copy_and_resolve_references()
+    with cfg.unlocked():
+        cfg.train.grad_accum_steps = 1
+    family = models.build(cfg, run.pipeline.info)
+    rows = run.pipeline.train.batch(0, jax.process_index(), jax.process_count())
+    batch = parallel.global_batch(rows, run.batch_sharding)
+    step = jax.jit(run.on_mesh(family.train_step),
+                   in_shardings=(run.state_shardings, run.batch_sharding))
+    compiled = step.lower(run.state, batch).compile()
+    return flops_lib.compiled_flops(compiled) / cfg.train.batch_size
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Median, min, max and (max - min) / median of per-round figures."""
+    median = statistics.median(values)
+    return {"median": median, "min": min(values), "max": max(values),
+            "relative_spread": (max(values) - min(values)) / median}
+
+
+def device_peak(dtype: str) -> tuple[float | None, str, str]:
+    """(peak FLOP/s of all devices together, its source, how devices were counted); the
+    peak is None for an accelerator kind without a published figure here."""
+    device = jax.devices()[0]
+    found = flops_lib.peak_flops(jax.default_backend(), device.device_kind, dtype)
+    if found is None:
+        return None, f"no published peak for {device.device_kind!r} (see mfu_vs_timed_matmul)", ""
+    peak, source = found
+    if jax.default_backend() == "cpu":
+        note = (f"CPU: this process's {jax.local_device_count()} device(s) share one host's peak "
+                f"(simulated devices add no hardware): counted once per process, x "
+                f"{jax.process_count()}")
+        return peak * jax.process_count(), source, note
+    return peak * jax.device_count(), source, f"per device x {jax.device_count()} devices"
 
 
 def run_peer(path: str, cfg) -> float:
@@ -104,6 +155,9 @@ def main(argv):
         step_fn = run.jit_train_step().lower(run.state, batch).compile()
         compile_s = time.perf_counter() - t0
         state_bytes = parallel.bytes_per_device(run.state)
+        is_lm = models.modality(cfg.model.family) == "text"
+        flops = (model_flops_per_token(run.state.params, cfg) if is_lm
+                 else train_flops_per_example(run))
         state, metrics = step_fn(run.state, batch)
         jax.block_until_ready(metrics)
         tokens_per_step = cfg.train.batch_size * run.family.tokens_per_example
@@ -120,7 +174,6 @@ def main(argv):
                 peer.append(run_peer(_PEER.value, cfg))
         run.state = state
 
-        is_lm = models.modality(cfg.model.family) == "text"
         if is_lm:
             new_tokens = _DECODE.value or cfg.model.block_size - 1
             prompts = [""] * cfg.sample.num_samples
@@ -133,11 +186,13 @@ def main(argv):
 
     per_s = statistics.median(ours)
     unit = run.family.throughput_unit
-    peak, peak_source = measured_peak_flops(jnp.dtype(cfg.model.get("dtype", "float32")))
-    if is_lm:
-        flops = model_flops_per_token(state.params, cfg)
-    else:  # XLA's count for the whole compiled call: k steps of batch_size examples
-        flops = step_fn.cost_analysis()["flops"] / (k * tokens_per_step)
+    dtype = jnp.dtype(cfg.model.get("dtype", "float32")).name
+    measured, measured_source = measured_peak_flops(dtype)
+    # the timed matmul runs on one device; simulated CPU devices share its host
+    measured_total = measured * (jax.process_count() if jax.default_backend() == "cpu"
+                                 else jax.device_count())
+    peak, peak_source, peak_note = device_peak(dtype)
+    achieved = flops * per_s
     stats = jax.devices()[0].memory_stats() or {}
     result = {
         "config": config_flags.get_config_filename(flags.FLAGS["config"]),
@@ -149,11 +204,14 @@ def main(argv):
         "state_bytes_per_device": max(state_bytes.values()),
         "step_temp_bytes_per_device": _temp_bytes(step_fn),
         f"train_{unit}_per_s": per_s, f"train_{unit}_per_s_rounds": ours,
+        f"train_{unit}_per_s_spread": spread(ours),
         "step_ms": 1000 * tokens_per_step / per_s,
         "first_step_compile_s": compile_s,
         f"model_flops_per_{unit[:-1]}": flops,
-        "mfu": flops * per_s / (peak * jax.device_count()), "peak_flops": peak,
-        "peak_source": peak_source,
+        "mfu": None if peak is None else achieved / peak, "peak_flops": peak,
+        "peak_source": peak_source, "peak_note": peak_note,
+        "mfu_vs_timed_matmul": achieved / measured_total, "timed_matmul_flops": measured,
+        "timed_matmul_source": measured_source,
         "device_peak_bytes": stats.get("peak_bytes_in_use"),
         "host_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -164,8 +222,13 @@ def main(argv):
         result.update(sample_s=sample_s, sample_count=cfg.sample.num_samples)
     if peer:
         result.update(peer_tokens_per_s=statistics.median(peer), peer_tokens_per_s_rounds=peer,
+                      peer_tokens_per_s_spread=spread(peer),
                       speedup_vs_peer=statistics.median(np.array(ours) / np.array(peer)))
     if jax.process_index() == 0:
+        rounds = spread(ours)
+        print(f"train {unit}/s over {len(ours)} rounds: median {rounds['median']:.4g}, min "
+              f"{rounds['min']:.4g}, max {rounds['max']:.4g} (spread "
+              f"{100 * rounds['relative_spread']:.1f}% of the median)")
         print(json.dumps(result))
 
 

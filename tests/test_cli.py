@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from tests.conftest import ROOT
@@ -83,18 +84,30 @@ def test_evaluate_reports_loss_perplexity_bits_per_byte(trained_workdir, env):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["step"] == 20
     assert result["perplexity"] == pytest.approx(2.718281828 ** result["loss"], rel=1e-5)
-    assert 0 < result["bits_per_byte"] < 8
+    # the char tokenizer on an ASCII corpus: one byte per token
+    assert result["bits_per_byte"] == pytest.approx(result["loss"] / np.log(2), rel=1e-5)
 
 
 def test_benchmark_prints_one_json_line(text_file, env):
     proc = cli("benchmark", f"--config={CHAR}", *TINY, f"--config.data.path={text_file}",
-               "--steps=3", "--rounds=1", "--decode_tokens=8", env=env)
+               "--steps=3", "--rounds=2", "--decode_tokens=8", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    for key in ("train_tokens_per_s", "step_ms", "first_step_compile_s", "model_flops_per_token",
-                "mfu", "peak_source", "decode_tokens_per_s"):
+    lines = proc.stdout.strip().splitlines()
+    result = json.loads(lines[-1])
+    for key in ("first_step_compile_s", "decode_tokens_per_s", "peak_note"):
         assert key in result
-    assert result["train_tokens_per_s"] > 0 and 0 < result["mfu"] < 1
+    per_s, rounds = result["train_tokens_per_s"], result["train_tokens_per_s_rounds"]
+    spread = result["train_tokens_per_s_spread"]
+    assert len(rounds) == 2 and per_s == spread["median"] == pytest.approx(np.median(rounds))
+    assert (spread["min"], spread["max"]) == (min(rounds), max(rounds))
+    assert "over 2 rounds: median" in lines[-2]
+    assert result["step_ms"] == pytest.approx(1000 * 4 * 16 / per_s)  # batch 4 x 16 tokens
+    flops_per_s = result["model_flops_per_token"] * per_s
+    assert result["mfu"] == pytest.approx(flops_per_s / result["peak_flops"])
+    assert result["mfu_vs_timed_matmul"] == pytest.approx(flops_per_s
+                                                          / result["timed_matmul_flops"])
+    assert result["peak_source"].startswith("derived: ") and "GHz" in result["peak_source"]
+    assert 0 < result["mfu"] < 1
 
 
 def test_sigterm_checkpoints_and_exits_cleanly(text_file, env, tmp_path):

@@ -50,9 +50,12 @@ def digits():
     return x, d.target.astype(np.int32)
 
 
-def batch_of(digits, start: int, size: int) -> dict:
+def batch_of(digits, start: int, size: int, index_start: int = 0) -> dict:
+    """Digits `start:start + size`; `index` as an evaluation batch carries it (the examples'
+    positions in a held-out split that starts at `index_start`)."""
     x, y = digits
-    return {"x": jnp.asarray(x[start:start + size]), "label": jnp.asarray(y[start:start + size])}
+    return {"x": jnp.asarray(x[start:start + size]), "label": jnp.asarray(y[start:start + size]),
+            "index": jnp.arange(index_start, index_start + size, dtype=jnp.int32)}
 
 
 @pytest.fixture(scope="module")
@@ -123,13 +126,33 @@ def test_eval_metrics_and_their_relations(trained):
 
 
 def test_stochastic_evaluation_binarisation(trained):
-    """eval.binarize="stochastic" draws the held-out pixels once, from a fixed key: repeatable,
-    different from the thresholded pixels, and harder to model (grey pixels become coin flips)."""
-    config = vae_config(**{"eval.binarize": "stochastic"})
-    eval_step = jax.jit(vae_lib.build(config, DIGITS_INFO).eval_step)
-    first, again = (eval_step(trained.state, trained.held_out) for _ in range(2))
-    assert float(first["nll_nats"]) == float(again["nll_nats"])
-    assert float(first["nll_nats"]) > float(trained.after["nll_nats"])
+    """eval.binarize="stochastic" (the default) draws every held-out example's pixels from a key
+    of its own index: repeatable, the same however the held-out split is batched (the mean over
+    two half batches is the mean over the whole), fresh for every example (one key reused for
+    every batch would give equal images equal draws), and harder to model than thresholded
+    pixels (grey pixels become coin flips)."""
+    assert trained.config.eval.binarize == "stochastic"
+    eval_step = jax.jit(trained.family.eval_step)
+    held_out, state = trained.held_out, trained.state
+    again = eval_step(state, held_out)
+    assert all(float(again[k]) == float(trained.after[k]) for k in again)
+    half = lambda sl: {k: v[sl] for k, v in held_out.items()}
+    halves = [eval_step(state, half(slice(0, 128))), eval_step(state, half(slice(128, None)))]
+    for key in ("nll_nats", "elbo", "kl", "reconstruction"):
+        np.testing.assert_allclose((float(halves[0][key]) + float(halves[1][key])) / 2,
+                                   float(trained.after[key]), rtol=1e-5, err_msg=key)
+
+    # the same 128 images as examples 0-127 and as examples 128-255 of the held-out split
+    same_images = {**half(slice(0, 128)), "index": held_out["index"][128:]}
+    keys = vae_lib.heldout_noise(trained.config.seed + 1, held_out["index"], 8, 4)[0]
+    draws = jax.vmap(trained.vae.inputs)(jnp.concatenate([held_out["x"][:128]] * 2), keys)
+    grey = (held_out["x"][:128] > 20) & (held_out["x"][:128] < 235)
+    assert float(jnp.mean(draws[:128] != draws[128:], where=grey)) > 0.2  # fresh draws
+    assert float(eval_step(state, same_images)["nll_nats"]) != float(halves[0]["nll_nats"])
+
+    threshold = vae_config(**{"eval.binarize": "threshold"})
+    thresholded = jax.jit(vae_lib.build(threshold, DIGITS_INFO).eval_step)(state, held_out)
+    assert float(trained.after["nll_nats"]) > float(thresholded["nll_nats"]) + 1
 
 
 def test_importance_weighted_bound(trained):
@@ -152,7 +175,7 @@ def test_importance_weighted_bound(trained):
     # ... whose mean over many draws is the ELBO with the KL in closed form (each image's 100
     # log-weights are 100 independent k = 1 bounds; against 100 ELBO estimates).
     log_px, kl = jax.jit(vae.elbo_terms)(params, jnp.tile(x, (100, 1, 1, 1)), None,
-                                         jax.random.PRNGKey(3))
+                                         jax.random.normal(jax.random.PRNGKey(3), (6400, 8)))
     elbo = np.asarray(log_px - kl).reshape(100, 64)
     diff = np.asarray(w).mean(0) - elbo.mean(0)
     stderr = np.sqrt(np.asarray(w).var(0) / 100 + elbo.var(0) / 100)
@@ -162,11 +185,9 @@ def test_importance_weighted_bound(trained):
     bounds = [float((jax.nn.logsumexp(w[:k], 0) - np.log(k)).mean()) for k in (1, 10, 100)]
     assert bounds[0] < bounds[1] < bounds[2], bounds
     np.testing.assert_allclose(log_weights(params, x, None, eps, 10), w, rtol=1e-5, atol=1e-4)
-    rng = jax.random.PRNGKey(4)
     np.testing.assert_allclose(
-        jax.jit(vae.iw_bound, static_argnums=(4, 5))(params, x, None, rng, 100, 10),
-        jax.nn.logsumexp(log_weights(params, x, None, jax.random.normal(rng, (100, 64, 8)),
-                                     None), 0) - np.log(100), rtol=1e-5, atol=1e-4)
+        jax.jit(vae.iw_bound, static_argnums=4)(params, x, None, eps, 10),
+        jax.nn.logsumexp(w, 0) - np.log(100), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["logistic", "gaussian"])

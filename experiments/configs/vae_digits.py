@@ -4,7 +4,8 @@ download).
 Encoder 8x8x1 -> 4x4x32 -> 4x4x64 (one residual block per stage) -> 256, plus a label
 embedding -> q(z|x, y) with 16 latents; the decoder mirrors it (sub-pixel upsampling) from z and
 the label. Bernoulli likelihood on dynamically binarised pixels (thresholded at 1/2 for
-evaluation), beta 1, Adam 1e-3 (no weight decay, 100 warm-up steps, cosine to 1e-4), batch 64,
+evaluation when measured below; evaluation now draws them too, `eval.binarize=threshold` for
+the old figures), beta 1, Adam 1e-3 (no weight decay, 100 warm-up steps, cosine to 1e-4), batch 64,
 3000 steps.
 
     python -m experiments.train --config=experiments/configs/vae_digits.py \\

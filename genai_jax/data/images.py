@@ -2,7 +2,10 @@
 
 A batch is `{"x": uint8 [batch, H, W, C] | float32 [batch, 2], "label": int32 [batch]}`:
 pixels stay uint8 until the model scales them (`genai_jax.models.images.to_model`), so
-every family documents its own pixel range. Sources: `genai_jax.data.image_sources`.
+every family documents its own pixel range. Evaluation batches also carry `"index": int32
+[batch]`, each example's position in the held-out split, so that a family can give every
+held-out example random draws of its own (the VAE's binarisation and latent noise), the same
+however the split is batched. Sources: `genai_jax.data.image_sources`.
 """
 
 from __future__ import annotations
@@ -91,12 +94,14 @@ class ImageBatches:
 
 def eval_batches(source, batch_size: int, max_batches: int) -> list[dict]:
     """Consecutive full batches from the start of the held-out split (at most `max_batches`;
-    0 = all); the tail that does not fill a batch is left out."""
+    0 = all), with each example's `index` in it; the tail that does not fill a batch is left
+    out."""
     n_batches = len(source) // batch_size
     if max_batches:
         n_batches = min(n_batches, max_batches)
     if n_batches == 0:
         raise DataError(f"the held-out split ({len(source)} examples) is smaller than one "
                         f"evaluation batch of {batch_size}: lower eval.batch_size")
-    return [source.get(np.arange(i * batch_size, (i + 1) * batch_size))
-            for i in range(n_batches)]
+    return [{**source.get(rows), "index": rows.astype(np.int32)}
+            for rows in (np.arange(i * batch_size, (i + 1) * batch_size)
+                         for i in range(n_batches))]

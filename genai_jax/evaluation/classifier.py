@@ -1,8 +1,10 @@
 """The small per-data-set classifier whose features and predictions score generated images.
 
-Trained by the project itself, once per data set, on the training split only (the held-out split
-stays the Fréchet reference), and cached as `.npz` under `$GENAI_JAX_CACHE` (default
-`~/.cache/genai_jax`) keyed by a fingerprint of the data; later runs load it in milliseconds.
+Trained by the project itself, once per data set, on the training split less the images reserved
+for the Fréchet floor (`genai_jax.evaluation.images.split_train`; the held-out split stays the
+Fréchet reference), and cached as `.npz` under `$GENAI_JAX_CACHE` (default `~/.cache/genai_jax`)
+keyed by a fingerprint of exactly the images and labels it learned from; later runs load it in
+milliseconds.
 """
 
 from __future__ import annotations

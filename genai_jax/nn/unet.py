@@ -46,7 +46,7 @@ class UNetConfig:
     kernels: str = "xla"  # "xla" | "pallas": the fused GroupNorm-modulate-SiLU
     attention: str = "xla"  # genai_jax.nn.dot_product_attention implementation
     mlp_width: int = 256  # points only: the MLP denoiser's width and depth
-    mlp_depth: int = 4
+    mlp_depth: int = 3
     remat: str = "none"  # none | full | dots (layers.REMAT_POLICIES), per ResBlock + attention
     dtype: str = "float32"
 
