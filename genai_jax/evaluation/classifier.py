@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from genai_jax import paths
 from genai_jax.nn.layers import Conv, Dense
 
 VERSION = 2  # bump when the architecture or its training changes: old caches are ignored
@@ -60,10 +60,6 @@ def _fingerprint(x: np.ndarray, labels: np.ndarray, num_classes: int) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("GENAI_JAX_CACHE", "~/.cache/genai_jax")).expanduser()
-
-
 def train_classifier(x: np.ndarray, labels: np.ndarray, num_classes: int, *, steps: int = 1000,
                      batch_size: int = 128, seed: int = 0) -> Classifier:
     """Adam on cross-entropy with small random shifts (±1 pixel at 8x8, ±2 above) as
@@ -97,7 +93,7 @@ def train_classifier(x: np.ndarray, labels: np.ndarray, num_classes: int, *, ste
 
 def load_or_train(x: np.ndarray, labels: np.ndarray, num_classes: int) -> Classifier:
     """The cached classifier of this training data, training (and caching) it if needed."""
-    path = cache_dir() / "classifiers" / f"{_fingerprint(x, labels, num_classes)}.npz"
+    path = paths.cache_dir() / "classifiers" / f"{_fingerprint(x, labels, num_classes)}.npz"
     template = Classifier(x.shape[1:], num_classes, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(template)
     leaves, treedef = jax.tree.flatten(params)
