@@ -50,7 +50,7 @@ from experiments.common import (
 )
 from genai_jax import models, parallel
 from genai_jax.evaluation import flops as flops_lib
-from genai_jax.train import prepare
+from genai_jax.train import prepare, provenance
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file",
                                           lock_config=True)
@@ -214,6 +214,8 @@ def main(argv):
         "timed_matmul_source": measured_source,
         "device_peak_bytes": stats.get("peak_bytes_in_use"),
         "host_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        # where the figures came from: commit, versions, XLA_FLAGS, devices, CPU model
+        "provenance": provenance.describe(),
     }
     if is_lm:
         result.update(decode_tokens_per_s=len(prompts) * new_tokens / sample_s,

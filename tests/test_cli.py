@@ -108,6 +108,8 @@ def test_benchmark_prints_one_json_line(text_file, env):
                                                           / result["timed_matmul_flops"])
     assert result["peak_source"].startswith("derived: ") and "GHz" in result["peak_source"]
     assert 0 < result["mfu"] < 1
+    origin = result["provenance"]
+    assert origin["cpu_model"] and origin["versions"]["jaxlib"] and origin["backend"] == "cpu"
 
 
 def test_sigterm_checkpoints_and_exits_cleanly(text_file, env, tmp_path):

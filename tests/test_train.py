@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import jax
 import numpy as np
@@ -35,6 +36,37 @@ def test_loss_goes_down_and_workdir_is_complete(trained):
     assert (workdir / "tokenizer.json").exists()
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["10", "20"]
+    # where the figures came from, one line per start
+    (origin,) = [json.loads(line) for line in (workdir / "provenance.jsonl").read_text()
+                 .splitlines()]
+    assert origin["start_step"] == 0 and origin["versions"]["jax"] == jax.__version__
+    assert origin["device_kind"] == jax.devices()[0].device_kind and origin["cpu_model"]
+    assert len(origin["commit"]) == 40 and "xla_flags" in origin
+    # the throughput window counts training steps alone; evaluations report their own time
+    evals = [m for m in metrics if "eval/loss" in m]
+    assert all(m["eval/time_s"] > 0 for m in evals)
+
+
+def test_throughput_excludes_evaluation_time(text_file, tmp_path, monkeypatch):
+    """An evaluation made to take 2 s must not lower the next window's throughput."""
+    from genai_jax.train import trainer
+
+    config = tiny_lm_config(**{"data.path": str(text_file), "train.log_every": 5,
+                               "eval.every": 5, "train.steps": 15, "checkpoint.every": 15})
+    evaluate = trainer.Run.evaluate
+
+    def slow_evaluate(self, *args, **kwargs):
+        time.sleep(2.0)
+        return evaluate(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.Run, "evaluate", slow_evaluate)
+    train(config, tmp_path, progress=False)
+    records = [m for m in read_metrics(tmp_path) if "train/tokens_per_s" in m]
+    assert [m["step"] for m in records] == [5, 10, 15]
+    # 5 steps of 64 tokens take far less than 2 s here: counting the sleep would cap the rate
+    # at 5 * 64 / 2 = 160 tokens/s
+    assert all(m["train/tokens_per_s"] > 1000 for m in records[1:]), records
+    assert all(m["eval/time_s"] >= 2.0 for m in records)
 
 
 def test_resumed_run_equals_uninterrupted_run(trained, tmp_path):
