@@ -22,8 +22,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import _blocks, _gpu_kernels, _tpu_kernels, backends
+from pallas_kernels import _autodiff, _blocks, _gpu_kernels, _tpu_kernels, backends
 from pallas_kernels.config import BlockSizes, KernelConfig, padded_lengths, resolve_block_sizes
+
+_REFUSAL = _autodiff.refusal(
+    "pallas_kernels.flash_attention",
+    "the XLA attention (genai_jax: model.attention='xla'; or pallas_kernels.reference.attention)")
 
 
 class SegmentIds(NamedTuple):
@@ -133,7 +137,7 @@ def flash_attention(
         # The padding's ids do not matter: padded keys are masked by position and padded
         # query rows are sliced off.
         q_seg, kv_seg = pad_seq(segs.q, q_pad), pad_seq(segs.kv, kv_pad)
-    out = _flash(cfg, qp, kp, vp, q_seg, kv_seg)
+    out = _autodiff.call_custom_vjp(_REFUSAL, _flash, cfg, qp, kp, vp, q_seg, kv_seg)
     return out[:, :q_len, :, :head_dim]
 
 
@@ -148,13 +152,16 @@ def _flash(cfg, q, k, v, q_seg, kv_seg):
 
 
 def _flash_fwd(cfg, q, k, v, q_seg, kv_seg):
-    out, lse = _kernels(cfg).forward(cfg, q, k, v, q_seg, kv_seg)
+    out, lse = _autodiff.reverse_mode_only(_REFUSAL, functools.partial(_kernels(cfg).forward, cfg),
+                                           q, k, v, q_seg, kv_seg)
     return out, (q, k, v, q_seg, kv_seg, out, lse)
 
 
 def _flash_bwd(cfg, residuals, do):
     q, k, v, q_seg, kv_seg, out, lse = residuals
-    dq, dk, dv = _kernels(cfg).backward(cfg, q, k, v, q_seg, kv_seg, out, lse, do)
+    dq, dk, dv = _autodiff.reverse_mode_only(
+        _REFUSAL, functools.partial(_kernels(cfg).backward, cfg), q, k, v, q_seg, kv_seg, out,
+        lse, do)
     return dq, dk, dv, None, None
 
 

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels import backends
+from pallas_kernels import _autodiff, backends
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,13 +237,20 @@ def _forward(cfg: _Config, x, gamma, beta, scale, shift):
                  [jax.ShapeDtypeStruct(x.shape, x.dtype), stat, stat])
 
 
+_REFUSAL = _autodiff.refusal(
+    "pallas_kernels.group_norm_modulate_silu",
+    "the XLA GroupNorm (genai_jax: model.kernels='xla'; or "
+    "pallas_kernels.reference.group_norm_modulate_silu)")
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _gn(cfg, x, gamma, beta, scale, shift):
     return _forward(cfg, x, gamma, beta, scale, shift)[0]
 
 
 def _gn_fwd(cfg, x, gamma, beta, scale, shift):
-    out, mean, rstd = _forward(cfg, x, gamma, beta, scale, shift)
+    out, mean, rstd = _autodiff.reverse_mode_only(_REFUSAL, functools.partial(_forward, cfg),
+                                                  x, gamma, beta, scale, shift)
     return out, (x, gamma, beta, scale, shift, mean, rstd)
 
 
@@ -252,9 +259,11 @@ def _gn_bwd(cfg, residuals, dout):
     batch = x.shape[0]
     stat = jax.ShapeDtypeStruct((batch, 1, cfg.channels), jnp.float32)
     g, b, sc, sh = _params(gamma, beta, scale, shift)
-    dx, s1, s2 = _call(cfg, "group_norm_modulate_silu_bwd", _gpu_bwd_kernel, _tpu_bwd_kernel,
-                       [x, dout, g, b, sc, sh, mean, rstd], 2,
-                       [jax.ShapeDtypeStruct(x.shape, x.dtype), stat, stat])
+    dx, s1, s2 = _autodiff.reverse_mode_only(
+        _REFUSAL,
+        lambda *ins: _call(cfg, "group_norm_modulate_silu_bwd", _gpu_bwd_kernel, _tpu_bwd_kernel,
+                           list(ins), 2, [jax.ShapeDtypeStruct(x.shape, x.dtype), stat, stat]),
+        x, dout, g, b, sc, sh, mean, rstd)
     # z = y (1 + scale) + shift with y = xhat gamma + beta, so per (row, channel):
     # dshift = sum dz, dscale = sum dz y = gamma s2 + beta s1, and summed over rows:
     # dbeta = (1 + scale) s1, dgamma = (1 + scale) s2.
@@ -310,5 +319,6 @@ def group_norm_modulate_silu(
                              f"{arr.shape}.")
     cfg = _Config(backend=backends.resolve_backend(backend), groups=groups, eps=float(eps),
                   pixels=height * width, channels=channels)
-    out = _gn(cfg, x.reshape(batch, height * width, channels), gamma, beta, scale, shift)
+    out = _autodiff.call_custom_vjp(_REFUSAL, _gn, cfg, x.reshape(batch, height * width, channels),
+                                    gamma, beta, scale, shift)
     return out.reshape(x.shape)
