@@ -266,7 +266,11 @@ class VAE:
             return (log_px + standard_normal_log_density(z)
                     - diagonal_normal_log_density(z, mean, log_std))
 
-        out = jax.lax.map(one_chunk, eps.reshape(k // chunk, chunk, batch, -1))
+        # The noise is small and drawn per example (split over the batch); replicated here,
+        # the decoder's [chunk * batch] rows keep the split sharding propagation chooses for
+        # them (a batch split here had it replicate tensors inside the map instead).
+        chunks = parallel.constrain(eps.reshape(k // chunk, chunk, batch, -1), (None,) * 4)
+        out = jax.lax.map(one_chunk, chunks)
         return out.reshape(k, batch)
 
     def iw_bound(self, params, x: jax.Array, labels, eps: jax.Array,
