@@ -18,12 +18,12 @@ import pathlib
 import signal
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from conftest import tiny_lm_config  # noqa: E402
 from orbax.checkpoint._src.path import atomicity  # noqa: E402
 
 from genai_jax.train import checkpoint, metrics, train  # noqa: E402
+from tests.conftest import tiny_lm_config  # noqa: E402  (tests/pallas has a conftest too)
 
 CRASH_OVERRIDES = {"train.steps": 20, "train.log_every": 1, "checkpoint.every": 10,
                    "eval.every": 10}

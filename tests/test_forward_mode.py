@@ -71,8 +71,10 @@ def family_loss(family: str, text_file):
         from sklearn.datasets import load_digits
 
         digits = load_digits()
+        # an evaluation batch: `index` is each example's place in the held-out split
         batch = {"x": np.round(digits.images[:4] * (255 / 16)).astype(np.uint8)[..., None],
-                 "label": digits.target[:4].astype(np.int32)}
+                 "label": digits.target[:4].astype(np.int32),
+                 "index": np.arange(4, dtype=np.int32)}
     if isinstance(state, GANState):
         return ((state.g_params, state.d_params),
                 lambda p: built.eval_step(state.replace(g_params=p[0], d_params=p[1]),
