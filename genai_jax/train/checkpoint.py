@@ -62,6 +62,12 @@ class Checkpointer:
         if not self._manager.is_saving_in_progress():
             self.wait()  # synchronous saves: check at once
 
+    def check(self) -> None:
+        """Raise CheckpointWriteError now if the save in flight has already failed (does not
+        wait for one still writing), so a run stops soon after, not at its next save."""
+        if self._saving is not None and not self._manager.is_saving_in_progress():
+            self.wait()
+
     def wait(self) -> None:
         """Block until the save in flight is complete; raise CheckpointWriteError if it failed."""
         if self._saving is None:

@@ -323,6 +323,7 @@ def _loop(run: Run, progress: bool, stop_at_step: int | None) -> None:
                 fetched = [(end - k + 1 + i, {name: m[name][i] for name in m})
                            for end, m in jax.device_get(pending) for i in range(k)]
                 pending = []
+                run.checkpointer.check()  # a failed save stops the run before anything else
                 _check_finite(fetched, good_step, run.workdir)
                 record = {f"train/{name}": float(np.mean([m[name] for _, m in fetched]))
                           for name in fetched[-1][1]}
