@@ -12,6 +12,7 @@ import atexit
 import threading
 
 import jax
+from jax._src import distributed as jax_distributed  # its client's key-value store
 
 from genai_jax.errors import UserError
 
@@ -47,17 +48,15 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 # --- one process's error stops them all ----------------------------------------------------
 # A process that fails leaves the others blocked in their next collective until the
 # coordination service's heartbeat timeout (minutes). Instead the failing process publishes its
-# error line in the service's key-value store, where every other process has a thread waiting
-# for it: each prints the line and exits at once, and acknowledges first, so that a failing
+# error line in the service's key-value store, where a thread of every other process looks for
+# it: each prints the line and exits at once, and acknowledges first, so that a failing
 # process 0 (which hosts the service) stays up until the others have read it.
 _ERROR_KEY = "genai_jax/error"
 _ACK_WAIT_MS = 10_000
 
 
 def _client():
-    from jax._src import distributed
-
-    return distributed.global_state.client
+    return jax_distributed.global_state.client
 
 
 def publish_error(message: str) -> bool:

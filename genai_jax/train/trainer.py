@@ -318,7 +318,8 @@ def _loop(run: Run, progress: bool, stop_at_step: int | None) -> None:
             stopping = stop["signal"]  # read once: a signal may land at any line below
             do_eval = step % cfg.eval.every == 0 or step == steps
             do_ckpt = step % cfg.checkpoint.every == 0 or step == steps or stopping
-            if step % log_every == 0 or do_eval or do_ckpt:
+            do_log = step % log_every == 0 or do_eval or do_ckpt
+            if do_log:
                 # Fetching waits for every step dispatched so far: the window ends here.
                 fetched = [(end - k + 1 + i, {name: m[name][i] for name in m})
                            for end, m in jax.device_get(pending) for i in range(k)]
@@ -343,7 +344,7 @@ def _loop(run: Run, progress: bool, stop_at_step: int | None) -> None:
             if do_ckpt:
                 run.checkpointer.save(step, run.state, {"data_step": step})
                 good_step = step
-            if step % log_every == 0 or do_eval or do_ckpt:
+            if do_log:
                 window_start, window_step = time.perf_counter(), step
             if stopping:
                 logging.warning("%s: saved a checkpoint at step %d; rerun the same command to "
