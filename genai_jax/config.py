@@ -24,6 +24,8 @@ def base_config(family: str = "transformer") -> ml_collections.ConfigDict:
     defaults = models.module(family).config_defaults()
     c = ml_collections.ConfigDict()
     c.seed = 0
+    # A workdir (trained or imported) to start from: its weights, model.* keys and tokenizer.
+    c.init_from = ""
     c.data = data.defaults(models.modality(family))
     c.model = dict(family=family, **defaults["model"])
     c.train = dict(steps=1000, batch_size=12, learning_rate=1e-3, min_learning_rate=1e-4,
@@ -75,6 +77,46 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"data.path {config.data.path!r} does not exist")
     parallel.rules_from_config(config.mesh)
     models.module(config.model.family).validate(config)
+
+
+# model.* keys a run started from another (`init_from`) may set its own way: how the same
+# weights are computed with, regularised or stored, never their shapes or meaning.
+_FINETUNE_FREE = ("attention", "remat", "dropout", "dtype", "param_dtype", "lora")
+
+
+def inherit(config: ml_collections.ConfigDict, base: ml_collections.ConfigDict,
+            source: str) -> ml_collections.ConfigDict:
+    """`config` with the `model.*` keys and `data.tokenizer` of `base` (the config of the run
+    `source` that `config.init_from` names) wherever `config` leaves them at their defaults.
+
+    A key that `config` sets to another value than `base` is refused with one line naming it;
+    so is another model family. `model.block_size` may be smaller (rotary positions only: a
+    learned position table has one row per position)."""
+    if base.model.family != config.model.family:
+        raise ConfigError(f"init_from={source} holds a {base.model.family!r} model, and this "
+                          f"config a {config.model.family!r} one")
+    defaults = base_config(config.model.family)
+    out = ml_collections.ConfigDict(config.to_dict())
+    conflicts = []
+    for key, value in base.model.items():
+        if key in _FINETUNE_FREE or key not in out.model:
+            continue
+        mine = out.model[key]
+        if mine == defaults.model.get(key) or mine == value:
+            out.model[key] = value
+        elif key == "block_size" and mine < value and base.model.position == "rotary":
+            continue
+        else:
+            conflicts.append(f"model.{key}={mine!r} (it has {value!r})")
+    if out.data.tokenizer not in (defaults.data.tokenizer, base.data.tokenizer):
+        conflicts.append(f"data.tokenizer={out.data.tokenizer!r} (it has "
+                         f"{base.data.tokenizer!r})")
+    if conflicts:
+        raise ConfigError(f"init_from={source} holds another model: {'; '.join(conflicts[:3])};"
+                          " leave these keys unset to inherit them")
+    out.data.tokenizer = base.data.tokenizer
+    out.lock()
+    return out
 
 
 def save(config: ml_collections.ConfigDict, path: pathlib.Path) -> None:

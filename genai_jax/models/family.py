@@ -34,6 +34,10 @@ class Family:
     sample_eval: optional `(state, rng, directory, step) -> metrics` run at every evaluation
       after the eval batches: metrics of generated samples (e.g. the classifier Fréchet
       distance), writing what it generated under `directory` (e.g. PNG grids).
+    init_from_params: optional `(params, rng) -> state`: a fresh training state around given
+      parameters (a run restored from a parameters-only checkpoint, e.g. an imported one).
+    export_params: `state -> params` of the model evaluated with, in the layout of a model
+      without adapters (what `init_from` starts from and export writes).
     tokens_per_example: how many `throughput_unit`s one batch row counts for (tokens per
       window for the LM, 1 for images), for `train/{throughput_unit}_per_s`.
     """
@@ -45,5 +49,7 @@ class Family:
     save_samples: Callable[[Any, str, int], str]
     summarize_eval: Callable[[dict[str, float]], dict[str, float]] = lambda m: m
     sample_eval: Callable[[State, jax.Array, str, int], dict[str, float]] | None = None
+    init_from_params: Callable[[Any, jax.Array], State] | None = None
+    export_params: Callable[[State], Any] = lambda state: state.eval_params
     tokens_per_example: int = 1
     throughput_unit: str = "tokens"

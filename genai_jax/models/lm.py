@@ -7,6 +7,7 @@ import functools
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -14,18 +15,33 @@ from genai_jax import config_checks as config_lib
 from genai_jax.config_checks import ConfigError
 from genai_jax.evaluation.lm import lm_metrics
 from genai_jax.models.family import Family
-from genai_jax.models.transformer import Transformer, TransformerConfig, init_cache
-from genai_jax.nn import IMPLEMENTATIONS, REMAT_POLICIES
+from genai_jax.models.transformer import (
+    ATTENTION_PROJECTIONS,
+    LORA_TARGETS,
+    MLP_PROJECTIONS,
+    Transformer,
+    TransformerConfig,
+    init_cache,
+)
+from genai_jax.nn import IMPLEMENTATIONS, REMAT_POLICIES, Dense, LoRA, LoRAParam
 from genai_jax.optim import TrainState, learning_rate_schedule, make_optimizer, make_train_step
 from genai_jax.sampling.decode import generate
 
 
 def config_defaults() -> dict:
     return {
-        "model": dict(block_size=64, num_layers=4, num_heads=4, num_kv_heads=0, embed_dim=128,
-                      mlp_ratio=4.0, mlp="gelu", norm="layernorm", position="learned",
-                      use_bias=True, tie_embeddings=True, dropout=0.0, attention="xla",
-                      dtype="float32", param_dtype="float32", remat="none"),
+        # vocab_size 0: the tokenizer's (an imported checkpoint's may be larger)
+        "model": dict(vocab_size=0, block_size=64, num_layers=4, num_heads=4, num_kv_heads=0,
+                      embed_dim=128, mlp_ratio=4.0, mlp="gelu", norm="layernorm", norm_eps=1e-5,
+                      position="learned", rope_theta=10_000.0, rope_scaling="none",
+                      rope_factor=1.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                      rope_original_context=8192, head_dim=0, mlp_dim=0, use_bias=True,
+                      qkv_bias=False, tie_embeddings=True, dropout=0.0, attention="xla",
+                      dtype="float32", param_dtype="float32", remat="none",
+                      # LoRA (rank 0: off): adapters on the projections named in `targets`
+                      # (q, k, v, out, gate, up, down; "attention", "mlp", "all"; or the
+                      # Hugging Face names q_proj, ...); only they are trained.
+                      lora=dict(rank=0, alpha=16.0, dropout=0.0, targets="attention")),
         "sample": dict(prompt="", num_samples=1, max_new_tokens=200, temperature=0.8, top_k=0,
                        top_p=1.0),
     }
@@ -34,9 +50,10 @@ def config_defaults() -> dict:
 def validate(config) -> None:
     m = config.model
     config_lib.check_choices(config, {
-        "model.mlp": ("gelu", "swiglu"),
+        "model.mlp": ("gelu", "gelu_tanh", "swiglu"),
         "model.norm": ("layernorm", "rmsnorm"),
         "model.position": ("learned", "rotary"),
+        "model.rope_scaling": ("none", "linear", "llama3"),
         "model.attention": IMPLEMENTATIONS,
         "model.remat": tuple(REMAT_POLICIES),
         "model.dtype": ("float32", "bfloat16", "float16"),
@@ -45,28 +62,71 @@ def validate(config) -> None:
     })
     config_lib.check_positive(config, ("model.block_size", "model.num_layers", "model.num_heads",
                                        "model.embed_dim", "sample.max_new_tokens"))
-    if m.embed_dim % m.num_heads:
+    if m.embed_dim % m.num_heads and not m.head_dim:
         raise ConfigError(f"model.num_heads={m.num_heads} must divide "
-                          f"model.embed_dim={m.embed_dim}")
+                          f"model.embed_dim={m.embed_dim} (or set model.head_dim)")
+    if m.head_dim < 0 or m.mlp_dim < 0 or m.norm_eps <= 0 or m.rope_theta <= 0:
+        raise ConfigError("model.head_dim and model.mlp_dim must be >= 0 (0 = derived), "
+                          "model.norm_eps and model.rope_theta positive")
     kv = m.num_kv_heads or m.num_heads
     if m.num_kv_heads < 0 or m.num_heads % kv:
         raise ConfigError(f"model.num_kv_heads={m.num_kv_heads} must divide "
                           f"model.num_heads={m.num_heads} (0 = same as num_heads)")
-    if m.position == "rotary" and (m.embed_dim // m.num_heads) % 2:
+    if m.position == "rotary" and (m.head_dim or m.embed_dim // m.num_heads) % 2:
         raise ConfigError("rotary positions need an even head dimension "
-                          "(model.embed_dim / model.num_heads)")
+                          "(model.head_dim, or model.embed_dim / model.num_heads)")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
+    if m.lora.rank < 0 or m.lora.alpha <= 0 or not 0.0 <= m.lora.dropout < 1.0:
+        raise ConfigError("model.lora.rank must be >= 0 (0 = no LoRA), model.lora.alpha "
+                          "positive and model.lora.dropout in [0, 1)")
+    if m.lora.rank:
+        lora_targets(m.lora.targets, m.mlp)
     if config.sample.temperature < 0 or not 0.0 < config.sample.top_p <= 1.0:
         raise ConfigError("sample.temperature must be >= 0 and sample.top_p in (0, 1]")
     if config.data.name == "text_file" and not config.data.path:
         raise ConfigError("data.name='text_file' needs data.path: pass --config.data.path=FILE")
 
 
+_TARGET_NAMES = {"attention": ATTENTION_PROJECTIONS, "mlp": MLP_PROJECTIONS, "all": LORA_TARGETS,
+                 "o": ("out",), **{t: (t,) for t in LORA_TARGETS},
+                 **{f"{t}_proj": (t,) for t in ("q", "k", "v", "gate", "up", "down")},
+                 "o_proj": ("out",)}
+
+
+def lora_targets(spec: str, mlp: str) -> tuple[str, ...]:
+    """The projections `model.lora.targets` names (comma-separated), in LORA_TARGETS order;
+    a name that is no projection of this model is refused."""
+    names = [n.strip() for n in str(spec).split(",") if n.strip()]
+    unknown = [n for n in names if n not in _TARGET_NAMES]
+    if unknown or not names:
+        raise ConfigError(f"model.lora.targets={spec!r}: {unknown[0] if unknown else 'empty'} "
+                          f"names no projection; use {', '.join(LORA_TARGETS)}, 'attention', "
+                          "'mlp', 'all' or the Hugging Face names (q_proj, ...)")
+    chosen = {t for n in names for t in _TARGET_NAMES[n]}
+    if mlp != "swiglu" and "gate" in chosen:
+        if any(n in ("gate", "gate_proj") for n in names):
+            raise ConfigError(f"model.lora.targets={spec!r} names 'gate', which a "
+                              f"model.mlp={mlp!r} model does not have (SwiGLU only)")
+        chosen.discard("gate")
+    return tuple(t for t in LORA_TARGETS if t in chosen)
+
+
 def model_config(config, vocab_size: int) -> TransformerConfig:
-    fields = {f.name for f in dataclasses.fields(TransformerConfig)}
+    """The transformer of `config.model`, its vocabulary `model.vocab_size` or, when that is 0,
+    the tokenizer's `vocab_size`; a tokenizer with more tokens than the model is refused."""
+    fields = {f.name for f in dataclasses.fields(TransformerConfig)} - {
+        "vocab_size", "lora", "lora_targets"}
     kwargs = {k: v for k, v in config.model.items() if k in fields}
-    return TransformerConfig(vocab_size=vocab_size, **kwargs)
+    lora = config.model.get("lora")
+    if lora is not None and lora.rank:
+        kwargs.update(lora=LoRA(lora.rank, lora.alpha, lora.dropout),
+                      lora_targets=lora_targets(lora.targets, config.model.mlp))
+    model_vocab = config.model.get("vocab_size", 0) or vocab_size
+    if vocab_size > model_vocab:
+        raise ConfigError(f"the tokenizer has {vocab_size} tokens but model.vocab_size is "
+                          f"{model_vocab}: use the model's own tokenizer")
+    return TransformerConfig(vocab_size=model_vocab, **kwargs)
 
 
 def _apply(graphdef, params, tokens, positions, cache):
@@ -81,16 +141,53 @@ def build(config, data_info: dict) -> Family:
     tx = make_optimizer(config.train)
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
 
+    def create(params, state_rng) -> TrainState:
+        """The state that trains `params`: all of them, or with LoRA the adapters only (the
+        optimizer and the EMA see nothing else; the base is `frozen`)."""
+        if cfg.lora is None:
+            return TrainState.create(params, tx, state_rng, config.train.ema_decay)
+        adapters, base = nnx.split_state(params, LoRAParam, ...)
+        return TrainState.create(adapters, tx, state_rng, config.train.ema_decay, frozen=base)
+
     def init(rng: jax.Array) -> TrainState:
         params_rng, state_rng = jax.random.split(rng)
-        params = nnx.state(Transformer(cfg, rngs=nnx.Rngs(params=params_rng)), nnx.Param)
-        return TrainState.create(params, tx, state_rng, config.train.ema_decay)
+        return create(nnx.state(Transformer(cfg, rngs=nnx.Rngs(params=params_rng)), nnx.Param),
+                      state_rng)
+
+    def init_from_params(params, rng: jax.Array) -> TrainState:
+        """A fresh state around pretrained `params` (a model without adapters), cast to
+        `model.param_dtype`; LoRA adapters start as `init` draws them (B = 0: the pretrained
+        function exactly)."""
+        params_rng, state_rng = jax.random.split(rng)
+        params = jax.tree.map(lambda x: x.astype(cfg.param_dtype), params)
+        if cfg.lora is not None:  # fresh adapters (the random base they come with is unused)
+            fresh = nnx.state(Transformer(cfg, rngs=nnx.Rngs(params=params_rng)), LoRAParam)
+            params = nnx.merge_state(params, fresh)
+        return create(params, state_rng)
+
+    def export_params(state: TrainState):
+        """The parameters evaluated with, adapters folded into their kernels: those of the same
+        transformer without LoRA (what export and `init_from` take)."""
+        model = nnx.merge(graphdef, state.eval_params, copy=True)  # the state stays as it is
+        if cfg.lora is None:
+            return nnx.state(model, nnx.Param)
+        for _, module in nnx.iter_modules(model):
+            if isinstance(module, Dense) and module.lora is not None:
+                module.kernel[...] = module.merged_kernel()
+        return nnx.state(model, nnx.All(nnx.Param, nnx.Not(LoRAParam)))
 
     def loss_fn(params, batch, rng):
+        """Mean next-token cross-entropy; packed instruction batches (`data.instructions`)
+        carry segment ids, positions and a loss mask (completion tokens only)."""
         model = nnx.merge(graphdef, params)
-        logits, _ = model(batch["inputs"], rng=rng if cfg.dropout > 0 else None)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
-        return loss, {}
+        logits, _ = model(batch["inputs"], positions=batch.get("positions"),
+                          segment_ids=batch.get("segment_ids"),
+                          rng=rng if cfg.dropout > 0 or cfg.lora is not None else None)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        if "loss_mask" not in batch:
+            return losses.mean(), {}
+        mask = batch["loss_mask"]
+        return (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0), {}
 
     def eval_step(state: TrainState, batch) -> dict:
         params = state.eval_params
@@ -128,7 +225,7 @@ def build(config, data_info: dict) -> Family:
         return sep.join(texts)
 
     return Family(
-        init=init,
+        init=init, init_from_params=init_from_params, export_params=export_params,
         train_step=make_train_step(loss_fn, tx, accum_steps=config.train.grad_accum_steps,
                                    ema_decay=config.train.ema_decay,
                                    schedule=learning_rate_schedule(config.train)),

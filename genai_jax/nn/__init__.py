@@ -9,11 +9,16 @@ from genai_jax.nn.layers import (
     Embed,
     GroupNorm,
     LayerNorm,
+    LoRA,
+    LoRAParam,
     lookup,
     param,
     rematerialized,
+    rope_frequencies,
     rotary,
 )
 
 __all__ = ["IMPLEMENTATIONS", "MLP", "REMAT_POLICIES", "Conv", "Dense", "Embed", "GroupNorm",
-           "LayerNorm", "dot_product_attention", "lookup", "param", "rematerialized", "rotary"]
+           "LayerNorm", "LoRA", "LoRAParam",
+           "dot_product_attention", "lookup", "param", "rematerialized",
+           "rope_frequencies", "rotary"]

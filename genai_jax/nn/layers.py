@@ -6,12 +6,14 @@ rules table in `genai_jax.parallel.sharding`; the layers themselves know nothing
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.custom_derivatives import SymbolicZero
 
@@ -96,16 +98,39 @@ def gelu(x: jax.Array) -> jax.Array:
     return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
 
 
+class LoRAParam(nnx.Param):
+    """A low-rank adapter's parameter (`Dense(..., lora=...)`): what a LoRA run trains, the
+    other `nnx.Param`s staying frozen (select with `nnx.state(model, LoRAParam)`)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRA:
+    """A low-rank adapter on a Dense layer (Hu et al., 2021): `y = x W + (alpha / rank) *
+    dropout(x) A B`, A `[in, rank]` drawn like PEFT's (uniform, +-1/sqrt(in)), B `[rank, out]`
+    zero, so training starts from the base model exactly."""
+
+    rank: int
+    alpha: float = 16.0
+    dropout: float = 0.0
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
 class Dense(nnx.Module):
     """`y = x @ kernel (+ bias)`, contracting the last `len(in_shape)` axes of x.
 
     The kernel is `[*in_shape, *out_shape]`, so attention projections keep their head axes
-    (`[embed, heads, head_dim]`) and can be split over `tensor` without reshapes.
+    (`[embed, heads, head_dim]`) and can be split over `tensor` without reshapes. With `lora`,
+    a low-rank adapter `lora_a [prod(in), rank]`, `lora_b [rank, prod(out)]` (`LoRAParam`s,
+    always float32) adds its product.
     """
 
     def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], *,
                  axes: Sequence[str | None], use_bias: bool = True, stddev: float = 0.02,
-                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 lora: LoRA | None = None, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         in_shape, out_shape = tuple(in_shape), tuple(out_shape)
         self.n_in, self.axes = len(in_shape), tuple(axes)
         self.dtype = dtype
@@ -113,15 +138,44 @@ class Dense(nnx.Module):
                             param_dtype)
         self.bias = (param(rngs, nnx.initializers.zeros, out_shape, axes[self.n_in:], param_dtype)
                      if use_bias else None)
+        self.lora = lora
+        if lora is not None:
+            n_in, n_out = math.prod(in_shape), math.prod(out_shape)
+            # Sharded like the kernel's first in-axis / last out-axis when there is one of each.
+            a_axes = (axes[0] if self.n_in == 1 else None, None)
+            b_axes = (None, axes[-1] if len(out_shape) == 1 else None)
+            init_a = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+            self.lora_a = LoRAParam(init_a(rngs.params(), (n_in, lora.rank), jnp.float32),
+                                    out_sharding=a_axes, eager_sharding=False)
+            self.lora_b = LoRAParam(jnp.zeros((lora.rank, n_out), jnp.float32),
+                                    out_sharding=b_axes, eager_sharding=False)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        """`rng`: the adapter's dropout key (None: no dropout)."""
         kernel = gathered(self.kernel[...], self.axes).astype(self.dtype)
         batch_shape, out_shape = x.shape[:x.ndim - self.n_in], kernel.shape[self.n_in:]
         x2 = x.astype(self.dtype).reshape(-1, math.prod(kernel.shape[:self.n_in]))
-        y = matmul(x2, kernel.reshape(x2.shape[1], -1)).reshape(*batch_shape, *out_shape)
+        y = matmul(x2, kernel.reshape(x2.shape[1], -1))
+        if self.lora is not None:
+            h = x2
+            if rng is not None and self.lora.dropout > 0:
+                keep = jax.random.bernoulli(rng, 1.0 - self.lora.dropout, h.shape)
+                h = jnp.where(keep, h / (1.0 - self.lora.dropout), 0).astype(h.dtype)
+            a = self.lora_a[...].astype(self.dtype)
+            b = (self.lora_b[...] * self.lora.scale).astype(self.dtype)
+            y = y + matmul(matmul(h, a), b)
+        y = y.reshape(*batch_shape, *out_shape)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
+
+    def merged_kernel(self) -> jax.Array:
+        """The kernel with the adapter's product folded in (in the kernel's dtype)."""
+        kernel = self.kernel[...]
+        if self.lora is None:
+            return kernel
+        delta = (self.lora_a[...] @ self.lora_b[...]) * self.lora.scale
+        return (kernel.astype(jnp.float32) + delta.reshape(kernel.shape)).astype(kernel.dtype)
 
 
 def lookup(table: jax.Array, ids: jax.Array, axes=("vocab", "embed")) -> jax.Array:
@@ -170,38 +224,78 @@ class LayerNorm(nnx.Module):
         return y.astype(self.dtype)
 
 
+def _fold(rng: jax.Array | None, i: int) -> jax.Array | None:
+    return None if rng is None else jax.random.fold_in(rng, i)
+
+
 class MLP(nnx.Module):
-    """Transformer feed-forward block: GELU (`x W1 -> gelu -> W2`) or SwiGLU."""
+    """Transformer feed-forward block: GELU (`x W1 -> gelu -> W2`; `kind="gelu_tanh"`: GPT-2's
+    tanh approximation) or SwiGLU. `lora` adapts the projections named in `lora_targets`
+    ("up", "gate", "down")."""
 
     def __init__(self, dim: int, hidden: int, *, kind: str = "gelu", use_bias: bool = True,
-                 out_stddev: float = 0.02, dtype=jnp.float32, param_dtype=jnp.float32,
+                 out_stddev: float = 0.02, lora: LoRA | None = None,
+                 lora_targets: Sequence[str] = (), dtype=jnp.float32, param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
         kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        adapt = lambda name: lora if name in lora_targets else None
         self.kind = kind
-        self.up = Dense([dim], [hidden], axes=("embed", "mlp"), **kw)
-        self.gate = (Dense([dim], [hidden], axes=("embed", "mlp"), **kw)
+        self.up = Dense([dim], [hidden], axes=("embed", "mlp"), lora=adapt("up"), **kw)
+        self.gate = (Dense([dim], [hidden], axes=("embed", "mlp"), lora=adapt("gate"), **kw)
                      if kind == "swiglu" else None)
-        self.down = Dense([hidden], [dim], axes=("mlp", "embed"), stddev=out_stddev, **kw)
+        self.down = Dense([hidden], [dim], axes=("mlp", "embed"), stddev=out_stddev,
+                          lora=adapt("down"), **kw)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        """`rng`: the adapters' dropout key (None: none)."""
         if self.kind == "swiglu":
-            h = jax.nn.silu(self.gate(x)) * self.up(x)
+            h = jax.nn.silu(self.gate(x, _fold(rng, 0))) * self.up(x, _fold(rng, 1))
+        elif self.kind == "gelu_tanh":
+            h = jax.nn.gelu(self.up(x, _fold(rng, 1)), approximate=True)
         else:
-            h = gelu(self.up(x))
+            h = gelu(self.up(x, _fold(rng, 1)))
         # Tensor parallelism: the hidden layer stays split over `mlp` between the two matmuls.
         h = constrain(h, ("batch",) + (None,) * (h.ndim - 2) + ("mlp",))
-        return self.down(h)
+        return self.down(h, _fold(rng, 2))
 
 
-def rotary(x: jax.Array, positions: jax.Array, base: float = 10_000.0) -> jax.Array:
-    """Rotary position embedding (rotate-half convention).
+@functools.lru_cache(maxsize=64)
+def rope_frequencies(head_dim: int, theta: float = 10_000.0, scaling: str = "none", *,
+                     factor: float = 1.0, low_freq_factor: float = 1.0,
+                     high_freq_factor: float = 4.0, original_context: int = 8192
+                     ) -> tuple[float, ...]:
+    """The `head_dim / 2` rotary angular frequencies `theta ** (-2i / head_dim)`, optionally
+    scaled for a longer context: `"linear"` divides them all by `factor` (position
+    interpolation); `"llama3"` divides only the low frequencies (wavelengths above
+    `original_context / low_freq_factor`), keeps the high ones (below
+    `original_context / high_freq_factor`) and blends the band between, as Llama 3.1 does."""
+    inv = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if scaling == "linear":
+        inv = inv / factor
+    elif scaling == "llama3":
+        wavelength = 2 * np.pi / inv
+        smooth = (original_context / wavelength - low_freq_factor) / (
+            high_freq_factor - low_freq_factor)
+        blended = (1 - smooth) * inv / factor + smooth * inv
+        inv = np.where(wavelength > original_context / low_freq_factor, inv / factor,
+                       np.where(wavelength < original_context / high_freq_factor, inv, blended))
+    elif scaling != "none":
+        raise ValueError(f"rope scaling {scaling!r} is not one of 'none', 'linear', 'llama3'")
+    # float32 first, as the published implementations compute them: the angles then agree.
+    return tuple(float(f) for f in inv.astype(np.float32))
+
+
+def rotary(x: jax.Array, positions: jax.Array,
+           frequencies: tuple[float, ...] | None = None) -> jax.Array:
+    """Rotary position embedding (rotate-half convention: dimension `i` pairs with
+    `i + head_dim / 2`, the layout of Hugging Face Llama checkpoints).
 
     Args:
       x: `[batch, seq, heads, head_dim]`, head_dim even.
       positions: `[batch, seq]` integer positions.
+      frequencies: `head_dim / 2` angular frequencies (`rope_frequencies`); default base 10^4.
     """
-    half = x.shape[-1] // 2
-    freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    freqs = jnp.asarray(frequencies or rope_frequencies(x.shape[-1]), jnp.float32)
     angles = positions[..., None].astype(jnp.float32) * freqs  # [batch, seq, half]
     sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)

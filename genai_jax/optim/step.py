@@ -10,7 +10,7 @@ import optax
 
 from genai_jax.optim.accumulate import accumulate_gradients
 from genai_jax.optim.ema import ema_update
-from genai_jax.optim.state import TrainState
+from genai_jax.optim.state import TrainState, with_frozen
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -26,11 +26,14 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, accum_
     averaged (`accumulate_gradients`); the update is the same as one step on the whole batch.
     The EMA, when the state keeps one, follows `ema_update`'s warm-up rule.
     """
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    grad_fn = jax.value_and_grad(lambda p, b, r, frozen: loss_fn(with_frozen(p, frozen), b, r),
+                                 has_aux=True)
 
     def train_step(state: TrainState, batch: Batch):
         rng = jax.random.fold_in(state.rng, state.step)
-        (loss, metrics), grads = accumulate_gradients(grad_fn, state.params, batch, rng,
+        # Gradients of the trained parameters only: frozen ones (a LoRA base) are constants.
+        grads_of = lambda p, b, r: grad_fn(p, b, r, state.frozen)
+        (loss, metrics), grads = accumulate_gradients(grads_of, state.params, batch, rng,
                                                       accum_steps)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

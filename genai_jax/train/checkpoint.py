@@ -11,6 +11,11 @@ Crash safety, layer by layer:
 - A save that fails (disk full, I/O error, a file-size limit) raises `CheckpointWriteError` at
   the next save or at `wait`; the previous checkpoints are untouched (Orbax deletes old steps
   only after a new one is finalised).
+
+A checkpoint holds the whole training state (item `state`), or only the model's parameters
+(item `params`, with `"params_only": true` in its metadata): what `experiments.import_checkpoint`
+writes at step 0, about a third of a state with Adam's moments. A run restored from one starts
+its optimizer afresh (`Family.init_from_params`).
 """
 
 from __future__ import annotations
@@ -51,14 +56,18 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, step: int, state, meta: dict) -> None:
-        """Start saving `state` (a pytree of jax.Arrays) and `meta` (JSON) as `step`; a failure
-        of the previous save is raised here."""
+    def save(self, step: int, state, meta: dict, *, params_only: bool = False) -> None:
+        """Start saving `state` (a pytree of jax.Arrays; the parameters alone with
+        `params_only`) and `meta` (JSON) as `step`; a failure of the previous save is raised
+        here."""
         self.wait()
         self._saving = step
+        item = "params" if params_only else "state"
+        meta = {**meta, "params_only": True} if params_only else meta
         with self._write_errors():
             self._manager.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+                **{item: ocp.args.StandardSave(state)}, meta=ocp.args.JsonSave(meta)),
+                force=True)
         if not self._manager.is_saving_in_progress():
             self.wait()  # synchronous saves: check at once
 
@@ -81,10 +90,16 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state) -> tuple[object, dict]:
         """Restore onto the shardings of `abstract_state` (ShapeDtypeStructs with `.sharding`),
-        so a checkpoint written under one mesh loads under another."""
+        so a checkpoint written under one mesh loads under another. A parameters-only
+        checkpoint (meta `params_only`) gives the parameters, restored onto
+        `abstract_state.params`."""
+        meta = self._manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))["meta"]
+        item, target = (("params", abstract_state.params) if meta.get("params_only") else
+                        ("state", abstract_state))
         restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-        return restored["state"], restored["meta"]
+            **{item: ocp.args.StandardRestore(target)}))
+        return restored[item], meta
 
     def restore_latest(self, abstract_state) -> tuple[int, object, dict] | None:
         """`(step, state, meta)` of the newest checkpoint that reads, None when there is none.

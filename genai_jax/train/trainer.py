@@ -140,8 +140,11 @@ def prepare(config, workdir: str | pathlib.Path, *, read_only: bool = False) -> 
     tokenizer saved by training as they are, creates no checkpoint directory, and does not ask
     the training batch to divide over the devices.
     """
-    config_lib.validate(config)
     workdir = pathlib.Path(workdir)
+    base = _init_from_config(config)
+    if base is not None:
+        config = config_lib.inherit(config, base, config.init_from)
+    config_lib.validate(config)
     saved_config = workdir / "config.json"
     if saved_config.exists():
         diff = config_lib.incompatibilities(config_lib.load(saved_config), config)
@@ -195,13 +198,19 @@ def _restore_or_init(config, workdir: pathlib.Path, mesh, rules, batch_sharding,
     except BaseException:
         checkpointer.close()
         raise
+    start_from = lambda params, source: _start_from(family, params, source, rng, shardings)
     if restored is not None:
         _, run.state, meta = restored
+        if meta.get("params_only"):  # an imported checkpoint: the optimizer starts afresh
+            run.state = start_from(run.state, workdir)
         run.start_step = int(meta["data_step"])
         if run.start_step % config.train.steps_per_call:
             raise UserError(f"the checkpoint at step {run.start_step} is not a multiple of "
                             f"train.steps_per_call={config.train.steps_per_call}: resume with "
                             "a steps_per_call that divides it")
+    elif config.init_from:
+        run.state = start_from(_params_of(pathlib.Path(config.init_from), pipeline, mesh, rules),
+                               config.init_from)
     else:
         # Created sharded: with FSDP no device ever holds the whole model.
         run.state = jax.jit(family.init, out_shardings=shardings)(rng)
@@ -211,6 +220,42 @@ def _restore_or_init(config, workdir: pathlib.Path, mesh, rules, batch_sharding,
         pipeline.save(workdir)
         provenance.record(workdir, run.start_step)
     return run
+
+
+def _start_from(family, params, source, rng, shardings):
+    """A fresh training state (optimizer, EMA) around `params` read from `source`."""
+    if family.init_from_params is None:
+        raise UserError(f"this model family cannot start from the parameters in {source}")
+    return jax.jit(family.init_from_params, out_shardings=shardings)(params, rng)
+
+
+def _init_from_config(config):
+    """The saved config of the run `config.init_from` names, or None."""
+    if not config.get("init_from"):
+        return None
+    path = pathlib.Path(config.init_from) / "config.json"
+    if not path.is_file():
+        raise UserError(f"init_from={config.init_from} is not a genai_jax workdir (no "
+                        "config.json): train or import there first")
+    return config_lib.load(path)
+
+
+def _params_of(source: pathlib.Path, pipeline, mesh, rules):
+    """The parameters a fine-tuning run starts from: those evaluated with in `source`'s newest
+    checkpoint (its EMA when it keeps one), placed on this run's mesh."""
+    base = config_lib.load(source / "config.json")
+    family = models.build(base, pipeline.info)
+    abstract = jax.eval_shape(family.init, jax.random.PRNGKey(0))
+    shardings = parallel.state_shardings(abstract, mesh, rules)
+    checkpointer = Checkpointer(source / "checkpoints", create=False)
+    try:
+        restored = checkpointer.restore_latest(abstract_with_shardings(abstract, shardings))
+    finally:
+        checkpointer.close()
+    if restored is None:
+        raise UserError(f"init_from={source} has no checkpoint to start from")
+    _, state, meta = restored
+    return state if meta.get("params_only") else family.export_params(state)
 
 
 def _build_data_in_turn(config, workdir: pathlib.Path) -> data_lib.Pipeline:
