@@ -138,6 +138,8 @@ def test_sigterm_checkpoints_and_exits_cleanly(text_file, env, tmp_path):
     (["--config.data.name=no_such_dataset_xyz", "--config.data.path="],
      "data.name='no_such_dataset_xyz' is neither"),
     (["--config.mesh.data=3"], "mesh data=3 x fsdp=1 x tensor=1 has 3 devices but there are 1"),
+    (["--config.data.tokenizer=bpe:100"], "data.tokenizer='bpe:100' is not one of 'byte', 'char'"),
+    (["--config.data.tokenizer=hf:/no/such/dir"], "/no/such/dir has no tokenizer.json"),
 ])
 def test_bad_config_is_one_line(args, message, text_file, env, tmp_path):
     proc = cli("train", f"--config={CHAR}", f"--workdir={tmp_path}", *TINY,

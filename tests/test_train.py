@@ -33,7 +33,7 @@ def test_loss_goes_down_and_workdir_is_complete(trained):
     assert {"eval/perplexity", "eval/bits_per_byte", "train/tokens_per_s",
             "train/learning_rate", "train/grad_norm"} <= set(metrics[-1]) | set(metrics[-2])
     assert json.loads((workdir / "config.json").read_text())["model"]["num_layers"] == 2
-    assert (workdir / "tokenizer.json").exists()
+    assert (workdir / "genai_tokenizer.json").exists()  # char: genai_jax's own format
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["10", "20"]
     # where the figures came from, one line per start

@@ -3,7 +3,13 @@
 from genai_jax.data.lm_batches import LMBatches, eval_batches, sequential_batches
 from genai_jax.data.pipeline import Pipeline, build
 from genai_jax.data.text import TextData, load_text
-from genai_jax.data.tokenizers import DataError, Tokenizer
+from genai_jax.data.tokenizers import (
+    DataError,
+    HFTokenizer,
+    Tokenizer,
+    load_tokenizer,
+    make_tokenizer,
+)
 
 
 def defaults(modality: str) -> dict:
@@ -18,5 +24,6 @@ def defaults(modality: str) -> dict:
                 label_key="label", num_points=20_000, **common)
 
 
-__all__ = ["DataError", "LMBatches", "Pipeline", "TextData", "Tokenizer", "build", "defaults",
-           "eval_batches", "load_text", "sequential_batches"]
+__all__ = ["DataError", "HFTokenizer", "LMBatches", "Pipeline", "TextData", "Tokenizer", "build",
+           "defaults", "eval_batches", "load_text", "load_tokenizer", "make_tokenizer",
+           "sequential_batches"]

@@ -12,9 +12,8 @@ from genai_jax.data.images import ImageBatches, load_images
 from genai_jax.data.images import eval_batches as image_eval_batches
 from genai_jax.data.lm_batches import LMBatches, eval_batches
 from genai_jax.data.text import load_text
-from genai_jax.data.tokenizers import DataError, Tokenizer
+from genai_jax.data.tokenizers import DataError, load_tokenizer
 
-TOKENIZER_FILE = "tokenizer.json"
 IMAGE_INFO_FILE = "data_info.json"  # the example shape and classes a saved image model expects
 
 
@@ -30,7 +29,7 @@ class Pipeline:
 
     def save(self, workdir: pathlib.Path) -> None:
         if "tokenizer" in self.info:
-            self.info["tokenizer"].save(workdir / TOKENIZER_FILE)
+            self.info["tokenizer"].save(workdir)
         if "shape" in self.info:
             (workdir / IMAGE_INFO_FILE).write_text(json.dumps(_shape_info(self.info)) + "\n")
 
@@ -41,9 +40,7 @@ def build(config, modality: str, workdir: pathlib.Path | None = None) -> Pipelin
         return _image_pipeline(config, workdir)
     if modality != "text":
         raise DataError(f"no input pipeline for data of modality {modality!r}")
-    saved = workdir / TOKENIZER_FILE if workdir else None
-    tokenizer = Tokenizer.load(saved) if saved and saved.exists() else None
-    text = load_text(config.data, tokenizer)
+    text = load_text(config.data, load_tokenizer(workdir) if workdir else None)
     block, batch = config.model.block_size, config.train.batch_size
     eval_batch = config.eval.batch_size or batch
     return Pipeline(

@@ -7,7 +7,8 @@ Sources (`config.data.name`):
     split by position: the first `1 - validation_fraction` of its tokens train, the rest validate;
   - any other name: a TFDS catalog data set (e.g. "tiny_shakespeare", "lm1b") read with
     `tfds.data_source`, its `data.text_key` feature being the text.
-Documents of a split are joined with a NUL byte (an end-of-document token) into one stream.
+Documents of a split are joined into one stream with an end-of-document token: a NUL byte for
+the byte/char tokenizers, the tokenizer's EOS (else BOS) token for the others.
 """
 
 from __future__ import annotations
@@ -19,46 +20,74 @@ import pathlib
 import numpy as np
 
 from genai_jax import paths
-from genai_jax.data.tokenizers import DataError, Tokenizer
-
-DOCUMENT_SEPARATOR = b"\0"
+from genai_jax.data.tokenizers import (
+    DOCUMENT_SEPARATOR,
+    AnyTokenizer,
+    DataError,
+    make_tokenizer,
+    parse_spec,
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class TextData:
-    tokenizer: Tokenizer
+    tokenizer: AnyTokenizer
     train: np.ndarray  # int `[n_train]`
     validation: np.ndarray  # int `[n_validation]`
-    bytes_per_token: float  # UTF-8 bytes per token of the validation text (for bits per byte)
+    # UTF-8 bytes of the validation text per validation token: bits per byte, unlike loss per
+    # token, compares models with different tokenizers.
+    bytes_per_token: float
 
 
-def load_text(data_cfg, tokenizer: Tokenizer | None = None) -> TextData:
+def load_text(data_cfg, tokenizer: AnyTokenizer | None = None) -> TextData:
     """Token streams of the train and validation splits named by `data_cfg`.
 
     `tokenizer`: reuse a saved one (resume, sampling, evaluation) instead of building it.
     """
+    source = _describe(data_cfg)
+    if tokenizer is None and parse_spec(data_cfg.tokenizer)[0] in ("byte", "gpt2", "hf"):
+        # Built before the data is read: a bad hf:DIR fails before a large data set loads.
+        tokenizer = make_tokenizer(data_cfg.tokenizer, b"", source)
     if data_cfg.name == "text_file":
-        raw = {"all": _read_text_file(data_cfg.path)}
+        documents = {"all": [_read_text_file(data_cfg.path)]}
     else:
-        raw = {"train": _tfds_text(data_cfg, data_cfg.train_split),
-               "validation": _tfds_text(data_cfg, data_cfg.eval_split)}
+        documents = {"train": _tfds_documents(data_cfg, data_cfg.train_split),
+                     "validation": _tfds_documents(data_cfg, data_cfg.eval_split)}
     if tokenizer is None:
-        tokenizer = Tokenizer.from_text(data_cfg.tokenizer, b"".join(raw.values()),
-                                        _describe(data_cfg))
-    streams = {k: tokenizer.encode(v, _describe(data_cfg)) for k, v in raw.items()}
+        tokenizer = make_tokenizer(data_cfg.tokenizer, _tokenizer_text(data_cfg, documents),
+                                   source)
     if data_cfg.name == "text_file":
-        n = int(len(streams["all"]) * (1 - data_cfg.validation_fraction))
-        streams = {"train": streams["all"][:n], "validation": streams["all"][n:]}
-        val_bytes = (len(streams["validation"]) if tokenizer.kind == "byte" else
-                     len(tokenizer.decode(streams["validation"]).encode("utf-8")))
+        (raw,) = documents["all"]
+        tokens, starts = tokenizer.encode_with_offsets(raw, source)
+        n = int(len(tokens) * (1 - data_cfg.validation_fraction))
+        streams = {"train": tokens[:n], "validation": tokens[n:]}
+        val_bytes = len(raw) - int(starts[n]) if n < len(tokens) else 0
     else:
-        val_bytes = len(raw["validation"])
+        streams = {k: tokenizer.encode_documents(v, source) for k, v in documents.items()}
+        # Counted as the byte tokenizer sees the split (one byte between documents), so bits per
+        # byte is the same measure whatever joins the documents.
+        val_bytes = len(DOCUMENT_SEPARATOR.join(documents["validation"]))
     for split, tokens in streams.items():
         if len(tokens) < 2:
-            raise DataError(f"the {split} split of {_describe(data_cfg)} has {len(tokens)} tokens; "
+            raise DataError(f"the {split} split of {source} has {len(tokens)} tokens; "
                             "it needs at least 2 (check data.path / data.validation_fraction)")
     return TextData(tokenizer, streams["train"], streams["validation"],
                     val_bytes / len(streams["validation"]))
+
+
+def _tokenizer_text(data_cfg, documents: dict[str, list[bytes]]) -> bytes:
+    """What a new tokenizer is built from. A BPE learns its merges from the training text alone
+    (for a text file, its first `1 - validation_fraction`, cut at a character); a character
+    vocabulary needs every character of both splits."""
+    if not data_cfg.tokenizer.startswith("bpe:"):
+        return b"".join(DOCUMENT_SEPARATOR.join(docs) for docs in documents.values())
+    if data_cfg.name != "text_file":
+        return DOCUMENT_SEPARATOR.join(documents["train"])
+    (raw,) = documents["all"]
+    cut = int(len(raw) * (1 - data_cfg.validation_fraction))
+    while 0 < cut < len(raw) and raw[cut] & 0xC0 == 0x80:  # a UTF-8 continuation byte
+        cut -= 1
+    return raw[:cut]
 
 
 def _describe(data_cfg) -> str:
@@ -78,8 +107,8 @@ def _read_text_file(path: str) -> bytes:
     return raw
 
 
-def _tfds_text(data_cfg, split: str) -> bytes:
-    """All documents of one split of a TFDS data set, joined into one byte string."""
+def _tfds_documents(data_cfg, split: str) -> list[bytes]:
+    """The documents of one split of a TFDS data set, as UTF-8 (or any) bytes."""
     import tensorflow_datasets as tfds
 
     data_dir = os.path.expanduser(data_cfg.data_dir) if data_cfg.data_dir else None
@@ -115,8 +144,7 @@ def _tfds_text(data_cfg, split: str) -> bytes:
     if data_cfg.text_key not in first:
         raise DataError(f"data set {data_cfg.name!r} has no feature {data_cfg.text_key!r}; it has "
                         f"{sorted(first)} (set data.text_key)")
-    docs = (_as_bytes(source[i][data_cfg.text_key]) for i in range(len(source)))
-    return DOCUMENT_SEPARATOR.join(docs)
+    return [_as_bytes(source[i][data_cfg.text_key]) for i in range(len(source))]
 
 
 def _as_bytes(x) -> bytes:

@@ -13,6 +13,7 @@ from flax import nnx
 
 from genai_jax import config_checks as config_lib
 from genai_jax.config_checks import ConfigError
+from genai_jax.data.tokenizers import parse_spec
 from genai_jax.evaluation.lm import lm_metrics
 from genai_jax.models.family import Family
 from genai_jax.models.transformer import (
@@ -58,8 +59,8 @@ def validate(config) -> None:
         "model.remat": tuple(REMAT_POLICIES),
         "model.dtype": ("float32", "bfloat16", "float16"),
         "model.param_dtype": ("float32", "bfloat16"),
-        "data.tokenizer": ("byte", "char"),
     })
+    parse_spec(config.data.tokenizer)
     config_lib.check_positive(config, ("model.block_size", "model.num_layers", "model.num_heads",
                                        "model.embed_dim", "sample.max_new_tokens"))
     if m.embed_dim % m.num_heads and not m.head_dim:
