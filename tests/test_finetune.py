@@ -145,9 +145,9 @@ def test_completion_only_loss_mask_and_packing(tmp_path):
                       {"role": "assistant", "content": "hello"}]},
         {"prompt": "x", "completion": "yz"}])
     examples = read_jsonl(path, tok)
-    windows = pack(examples, 32)
+    windows = pack(examples, 64)
     # Everything fits one window: three segments, positions restarting at 0.
-    assert windows["segment_ids"].shape == (1, 32)
+    assert windows["segment_ids"].shape == (1, 64)
     seg = windows["segment_ids"][0]
     assert sorted(set(seg.tolist())) == [0, 1, 2, 3]
     for s in (1, 2, 3):

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import pathlib
 
 import jax
@@ -22,7 +21,6 @@ from genai_jax.models.lm import _apply  # noqa: E402
 from genai_jax.models.transformer import Transformer, init_cache  # noqa: E402
 from genai_jax.sampling.decode import generate  # noqa: E402
 from tests.hf_models import VOCAB, make_model, save_tokenizer, torch_logits  # noqa: E402
-from tests.test_cli import cli, error_line  # noqa: E402
 
 KINDS = ("gpt2", "llama", "mistral", "qwen2")
 

@@ -85,8 +85,9 @@ def validate(config) -> None:
         lora_targets(m.lora.targets, m.mlp)
     if config.sample.temperature < 0 or not 0.0 < config.sample.top_p <= 1.0:
         raise ConfigError("sample.temperature must be >= 0 and sample.top_p in (0, 1]")
-    if config.data.name == "text_file" and not config.data.path:
-        raise ConfigError("data.name='text_file' needs data.path: pass --config.data.path=FILE")
+    if config.data.name in ("text_file", "instructions") and not config.data.path:
+        raise ConfigError(f"data.name={config.data.name!r} needs data.path: pass "
+                          "--config.data.path=FILE")
 
 
 _TARGET_NAMES = {"attention": ATTENTION_PROJECTIONS, "mlp": MLP_PROJECTIONS, "all": LORA_TARGETS,
