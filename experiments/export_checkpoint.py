@@ -30,7 +30,6 @@ from experiments.common import (
     user_errors_as_one_line,
     with_mesh,
 )
-from experiments.import_checkpoint import IMPORT_FILE
 from genai_jax.errors import UserError
 from genai_jax.interop import huggingface as hf
 from genai_jax.models.lm import model_config
@@ -38,7 +37,7 @@ from genai_jax.train import prepare
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a genai_jax workdir (trained or imported)")
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "the Hugging Face directory to write")
-_MAX_SHARD_MB = flags.DEFINE_integer("max_shard_mb", 2000, "largest safetensors file; larger "
+_MAX_SHARD_MB = flags.DEFINE_float("max_shard_mb", 2000, "largest safetensors file; larger "
                                      "models are sharded with an index")
 _ADAPTER_ONLY = flags.DEFINE_bool("adapter_only", False, "write only a LoRA run's adapters, in "
                                   "PEFT's format")
@@ -83,7 +82,7 @@ def main(argv):
         for _ in tensors:
             pass
         return
-    files = hf.write_safetensors(tensors, out, _MAX_SHARD_MB.value * 1024 ** 2)
+    files = hf.write_safetensors(tensors, out, int(_MAX_SHARD_MB.value * 1024 ** 2))
     hf_config = hf.export_config(cfg, kind, bos_token_id=tokenizer.bos_token_id,
                                  eos_token_id=tokenizer.eos_token_id, dtype=cfg.param_dtype)
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
@@ -96,14 +95,14 @@ def _architecture(config, workdir: pathlib.Path) -> str:
     """The architecture the run (or the run it started from) was imported as, else the one its
     `model.*` keys map onto."""
     for directory in (workdir, pathlib.Path(config.init_from) if config.init_from else None):
-        if directory is not None and (directory / IMPORT_FILE).exists():
-            return json.loads((directory / IMPORT_FILE).read_text())["architecture"]
+        if directory is not None and (directory / hf.IMPORT_FILE).exists():
+            return json.loads((directory / hf.IMPORT_FILE).read_text())["architecture"]
     return hf.export_architecture(config.model)
 
 
 def _base_model(config) -> str | None:
     """The Hugging Face directory the run's base model was imported from, if it was."""
-    source = pathlib.Path(config.init_from) / IMPORT_FILE if config.init_from else None
+    source = pathlib.Path(config.init_from) / hf.IMPORT_FILE if config.init_from else None
     return json.loads(source.read_text())["hf_dir"] if source and source.exists() else None
 
 

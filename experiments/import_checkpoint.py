@@ -34,8 +34,6 @@ from genai_jax.models.lm import model_config
 from genai_jax.train import provenance
 from genai_jax.train.checkpoint import Checkpointer
 
-IMPORT_FILE = "hf_import.json"
-
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "a Hugging Face model directory")
 _WORKDIR = flags.DEFINE_string("workdir", None, "the genai_jax workdir to write (new or empty)")
 _BLOCK_SIZE = flags.DEFINE_integer("block_size", 0, "context of the imported model (0 = the "
@@ -56,6 +54,7 @@ def build_config(hf_config: dict, workdir: pathlib.Path, *, block_size: int = 0,
     keys = hf.model_keys(hf_config, block_size or None)
     config.model.update(keys, param_dtype=param_dtype, dtype=dtype)
     config.data.tokenizer = f"hf:{workdir.absolute()}"
+    config.train.batch_size = 8  # divides over 1, 2, 4 or 8 devices (sampling, evaluation)
     config.lock()
     return config
 
@@ -86,7 +85,7 @@ def main(argv):
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         tokenizer.save(workdir)
-        (workdir / IMPORT_FILE).write_text(json.dumps(
+        (workdir / hf.IMPORT_FILE).write_text(json.dumps(
             {"hf_dir": str(hf_dir.absolute()), "architecture": hf.architecture(hf_config),
              "hf_config": hf_config}, indent=2) + "\n")
     checkpointer = Checkpointer(workdir / "checkpoints", async_save=False)

@@ -155,12 +155,13 @@ def incompatibilities(saved: ml_collections.ConfigDict,
     """`key: saved -> current` for every state-defining key that differs. `saved` was read back
     from JSON, so `current` goes through JSON too: a tuple and the list it was saved as agree."""
     current = ml_collections.ConfigDict(json.loads(current.to_json_best_effort()))
+    plain = lambda v: v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v
     out = []
     for key in _STATE_KEYS:
         a, b = get_or_none(saved, key), get_or_none(current, key)
         if isinstance(a, ml_collections.ConfigDict):
-            out += [f"{key}.{k}: {a[k]!r} -> {b.get(k)!r}" for k in a
-                    if a[k] != b.get(k) and f"{key}.{k}" not in _COMPUTE_ONLY]
+            out += [f"{key}.{k}: {plain(a[k])!r} -> {plain(b.get(k))!r}" for k in a
+                    if plain(a[k]) != plain(b.get(k)) and f"{key}.{k}" not in _COMPUTE_ONLY]
         elif a != b:
             out.append(f"{key}: {a!r} -> {b!r}")
     return out

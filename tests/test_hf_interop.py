@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import pathlib
 
 import jax
@@ -21,6 +22,7 @@ from genai_jax.models.lm import _apply  # noqa: E402
 from genai_jax.models.transformer import Transformer, init_cache  # noqa: E402
 from genai_jax.sampling.decode import generate  # noqa: E402
 from tests.hf_models import VOCAB, make_model, save_tokenizer, torch_logits  # noqa: E402
+from tests.test_cli import cli, error_line  # noqa: E402
 
 KINDS = ("gpt2", "llama", "mistral", "qwen2")
 
@@ -102,3 +104,176 @@ def test_greedy_generation_equals_transformers_generate(hf_models, kind):
     ours = generate(apply, functools.partial(init_cache, cfg), params, list(prompt), 32,
                     jax.random.PRNGKey(0), block_size=cfg.block_size, temperature=0.0)[0]
     assert until_eos(ours, 2) == until_eos(ref, 2)
+
+
+# ---- the command-line tools ------------------------------------------------------------------
+
+
+def safetensors_dict(directory: pathlib.Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    out = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def hf_logits(directory, x) -> np.ndarray:
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    return torch_logits(model.eval(), x)
+
+
+@pytest.fixture(scope="module")
+def imported_llama(hf_models, tmp_path_factory, env):
+    directory, _ = hf_models["llama"]
+    workdir = tmp_path_factory.mktemp("imported") / "llama"
+    proc = cli("import_checkpoint", f"--hf_dir={directory}", f"--workdir={workdir}", env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return workdir
+
+
+def test_import_sample_export_round_trip(hf_models, imported_llama, tmp_path, env):
+    """Import, sample, then export (sharded): the weights come back bit for bit, with the
+    tokenizer, and `transformers` loads the export with the same logits."""
+    directory, model = hf_models["llama"]
+    workdir = imported_llama
+    assert {"config.json", "tokenizer.json", "tokenizer_config.json", "hf_import.json",
+            "checkpoints"} <= {p.name for p in workdir.iterdir()}
+    proc = cli("sample", f"--workdir={workdir}", "--prompt=The quick", "--max_new_tokens=6",
+               "--temperature=0", env=env)
+    assert proc.returncode == 0 and "The quick" in proc.stdout, proc.stderr[-2000:]
+    out = tmp_path / "export"
+    proc = cli("export_checkpoint", f"--workdir={workdir}", f"--hf_dir={out}",
+               "--max_shard_mb=0.1", env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "model.safetensors.index.json").exists()
+    original, exported = safetensors_dict(directory), safetensors_dict(out)
+    assert set(exported) == set(original)
+    for name, value in original.items():
+        np.testing.assert_array_equal(exported[name], value, err_msg=name)
+    x = tokens(seed=3)
+    np.testing.assert_allclose(hf_logits(out, x), torch_logits(model, x), atol=1e-5, rtol=0)
+    from transformers import AutoTokenizer
+
+    text = "The quick brown fox, def main():"
+    assert (AutoTokenizer.from_pretrained(out).encode(text, add_special_tokens=False)
+            == AutoTokenizer.from_pretrained(directory).encode(text, add_special_tokens=False))
+
+
+def test_a_from_scratch_model_with_learned_positions_exports_as_gpt2(text_file, tmp_path, env):
+    from genai_jax.data.tokenizers import load_tokenizer
+    from genai_jax.train import train
+    from tests.conftest import tiny_lm_config
+
+    run = train(tiny_lm_config(**{"data.path": str(text_file), "train.steps": 10,
+                                  "model.position": "learned"}), tmp_path / "run",
+                progress=False)
+    out = tmp_path / "gpt2"
+    proc = cli("export_checkpoint", f"--workdir={tmp_path / 'run'}", f"--hf_dir={out}", env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((out / "config.json").read_text())["model_type"] == "gpt2"
+    tokenizer = load_tokenizer(tmp_path / "run")
+    text = text_file.read_text()[:200]
+    ids = tokenizer.encode(text)
+    import tokenizers
+
+    assert tokenizers.Tokenizer.from_file(str(out / "tokenizer.json")).encode(text).ids == list(ids)
+    x = ids[None, :16].astype(np.int32)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(hf.transformer_config(out),
+                                                               rngs=nnx.Rngs(0))))
+    ours = np.asarray(nnx.merge(graphdef, run.state.eval_params)(x)[0])
+    np.testing.assert_allclose(hf_logits(out, x), ours, atol=tolerance(ours), rtol=0)
+
+
+def test_lora_adapter_exports_for_peft(hf_models, imported_llama, text_file, tmp_path, env):
+    """A LoRA run on the imported Llama: its PEFT adapter, loaded by `peft` onto the Hugging
+    Face base model, gives genai_jax's logits."""
+    import peft
+    import torch
+    import transformers
+
+    from genai_jax.models.lm import model_config
+    from genai_jax.train import train
+    from tests.test_finetune import finetune_config
+
+    config = finetune_config(text_file, imported_llama, **{
+        "model.lora.rank": 4, "model.lora.targets": "q,v,o_proj,down", "train.steps": 10,
+        "train.learning_rate": 0.05,
+        "model.block_size": 32})
+    run = train(config, tmp_path / "lora", progress=False)
+    out = tmp_path / "adapter"
+    proc = cli("export_checkpoint", f"--workdir={tmp_path / 'lora'}", f"--hf_dir={out}",
+               "--adapter_only", env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert {p.name for p in out.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    directory, _ = hf_models["llama"]
+    base = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    peft_model = peft.PeftModel.from_pretrained(base, out).eval()
+    x = tokens(length=32, seed=4)
+    cfg = model_config(run.config, run.pipeline.info["tokenizer"].vocab_size)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    ours = np.asarray(nnx.merge(graphdef, run.state.eval_params)(x)[0])
+    theirs = torch_logits(peft_model, x)
+    np.testing.assert_allclose(theirs, ours, atol=tolerance(ours), rtol=0)
+    # ... and the adapters matter: the base alone (a fresh copy: peft adapted `base` in place)
+    # is far from them.
+    alone = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    assert np.abs(torch_logits(alone.eval(), x) - ours).max() > 100 * tolerance(ours)
+
+
+@pytest.mark.slow
+def test_import_onto_fsdp8_in_bfloat16(hf_models, tmp_path, env):
+    directory, _ = hf_models["qwen2"]
+    run_env = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    proc = cli("import_checkpoint", f"--hf_dir={directory}", f"--workdir={tmp_path / 'w'}",
+               "--mesh=1,8,1", "--param_dtype=bfloat16", env=run_env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    check = (
+        "import jax, sys; from experiments.common import load_workdir_config as load\n"
+        "from genai_jax.train import prepare\n"
+        f"run = prepare(load('{tmp_path / 'w'}'), '{tmp_path / 'w'}', read_only=True)\n"
+        "leaves = jax.tree.leaves(run.state.params)\n"
+        "assert all(x.dtype == jax.numpy.bfloat16 for x in leaves)\n"
+        "assert max(len(x.sharding.device_set) for x in leaves) == 8\n"
+        "print('ok', run.mesh.shape)\n")
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", check], env=run_env, capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+    assert "('fsdp', 8)" in proc.stdout
+
+
+def broken_copy(source: pathlib.Path, target: pathlib.Path, **config_changes) -> pathlib.Path:
+    import shutil
+
+    shutil.copytree(source, target)
+    config = json.loads((target / "config.json").read_text())
+    config.update(config_changes)
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+def test_bad_checkpoints_are_refused_with_one_line(hf_models, tmp_path, env):
+    directory, _ = hf_models["llama"]
+    cases = {
+        "model_type 'bert' is not supported": broken_copy(directory, tmp_path / "bert",
+                                                          model_type="bert"),
+        "gives blocks.0.mlp.up.kernel of shape": broken_copy(directory, tmp_path / "shape",
+                                                             intermediate_size=128),
+        "the tokenizer has": broken_copy(directory, tmp_path / "vocab", vocab_size=200),
+        "sliding window of 16": broken_copy(directory, tmp_path / "window", model_type="mistral",
+                                            sliding_window=16),
+    }
+    missing = broken_copy(directory, tmp_path / "missing")
+    (missing / "model.safetensors").unlink()
+    cases["has neither model.safetensors"] = missing
+    for expected, source in cases.items():
+        workdir = tmp_path / f"out_{source.name}"
+        proc = cli("import_checkpoint", f"--hf_dir={source}", f"--workdir={workdir}", env=env)
+        assert expected in error_line(proc), (expected, proc.stderr[-1000:])
+        assert not workdir.exists(), expected

@@ -8,7 +8,8 @@ messages, packed windows, the loss on completions only). AdamW lr 1e-4 (betas 0.
 decay 0.1), 50 warm-up steps, cosine to 1e-5, batch 16, 1000 steps.
 
     python -m experiments.train --config=experiments/configs/finetune_full.py \\
-        --config.init_from=runs/llama_code_hf --config.data.path=../shared/data/tinyshakespeare.txt \\
+        --config.init_from=runs/llama_code_hf \\
+        --config.data.path=../shared/data/tinyshakespeare.txt \\
         --workdir=runs/ft_full
 
 Measured: see the README's "Fine-tuning a pretrained model" (the demonstration).

@@ -9,7 +9,8 @@ float32. Export merges the adapters into the weights, or writes them alone as a 
 (`experiments.export_checkpoint --adapter_only`).
 
     python -m experiments.train --config=experiments/configs/finetune_lora.py \\
-        --config.init_from=runs/llama_code_hf --config.data.path=../shared/data/tinyshakespeare.txt \\
+        --config.init_from=runs/llama_code_hf \\
+        --config.data.path=../shared/data/tinyshakespeare.txt \\
         --workdir=runs/ft_lora
 
 Measured: see the README's "Fine-tuning a pretrained model" (the demonstration).

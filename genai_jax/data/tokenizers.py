@@ -95,6 +95,9 @@ class Tokenizer:
             raise DataError(f"{source} has the character {e.args[0]!r}, which is not in this "
                             f"model's {self.vocab_size}-character vocabulary") from None
 
+    def encode_prompt(self, text: str) -> np.ndarray:
+        return self.encode(text, "the prompt")
+
     def encode_with_offsets(self, data: bytes | str, source: str = "the text"
                             ) -> tuple[np.ndarray, np.ndarray]:
         """`encode`, and the UTF-8 byte of the text where each token starts (int64 `[n]`)."""
@@ -159,6 +162,11 @@ class HFTokenizer:
     def encode(self, data: bytes | str, source: str = "the text") -> np.ndarray:
         """bytes or str -> int32 `[n]` token ids (no special tokens added)."""
         return self.encode_with_offsets(data, source)[0]
+
+    def encode_prompt(self, text: str) -> np.ndarray:
+        """A prompt's ids with the special tokens this tokenizer's post-processor adds (e.g.
+        Llama's BOS): what the model saw at the start of its documents."""
+        return np.asarray(self.backend.encode(text, add_special_tokens=True).ids, np.int32)
 
     def encode_with_offsets(self, data: bytes | str, source: str = "the text"
                             ) -> tuple[np.ndarray, np.ndarray]:

@@ -34,6 +34,7 @@ ARCHITECTURES = ("gpt2", "llama", "mistral", "qwen2")
 _CLASS_NAMES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
                 "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 SAFETENSORS, INDEX = "model.safetensors", "model.safetensors.index.json"
+IMPORT_FILE = "hf_import.json"  # in a workdir written by experiments.import_checkpoint
 
 
 class ConversionError(UserError):
@@ -410,12 +411,12 @@ def write_safetensors(tensors: Iterator[tuple[str, np.ndarray]], hf_dir: str | p
     hf_dir.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = total = 0
-    for name, array in tensors:
+    for key, array in tensors:
         array = np.ascontiguousarray(array)
         if shards[-1] and size + array.nbytes > max_shard_bytes:
             shards.append({})
             size = 0
-        shards[-1][name] = array
+        shards[-1][key] = array
         size += array.nbytes
         total += array.nbytes
     names = ([name] if len(shards) == 1 else

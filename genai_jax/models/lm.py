@@ -131,6 +131,12 @@ def model_config(config, vocab_size: int) -> TransformerConfig:
     return TransformerConfig(vocab_size=model_vocab, **kwargs)
 
 
+def _until(tokens, eos: int | None):
+    """`tokens` up to (without) the first end-of-sequence token: generation stops there."""
+    tokens = list(tokens)
+    return tokens[:tokens.index(eos)] if eos is not None and eos in tokens else tokens
+
+
 def _apply(graphdef, params, tokens, positions, cache):
     """The cached forward pass, for `sampling.decode`."""
     return nnx.merge(graphdef, params)(tokens, positions=positions, cache=cache)
@@ -209,14 +215,16 @@ def build(config, data_info: dict) -> Family:
                                                                     s.num_samples)
         params = state.eval_params
         # An empty prompt starts from the start token, like the beginning of a document.
-        encoded = [tokenizer.encode(p, "the prompt") if p else [tokenizer.start_token]
+        encoded = [tokenizer.encode_prompt(p) if p else [tokenizer.start_token]
                    for p in prompts]
+        encoded = [e if len(e) else [tokenizer.start_token] for e in encoded]
         out = generate(apply, empty_cache, params, encoded,
                        max_new_tokens or s.max_new_tokens, rng, block_size=cfg.block_size,
                        temperature=s.temperature if temperature is None else temperature,
                        top_k=s.top_k if top_k is None else top_k,
                        top_p=s.top_p if top_p is None else top_p)
-        return [p + tokenizer.decode(o) for p, o in zip(prompts, out, strict=True)]
+        return [p + tokenizer.decode(_until(o, tokenizer.eos_token_id))
+                for p, o in zip(prompts, out, strict=True)]
 
     def save_samples(texts: list[str], directory: str, step: int) -> str:
         path = pathlib.Path(directory) / f"step_{step:08d}.txt"
