@@ -263,8 +263,8 @@ def test_bad_checkpoints_are_refused_with_one_line(hf_models, tmp_path, env):
     cases = {
         "model_type 'bert' is not supported": broken_copy(directory, tmp_path / "bert",
                                                           model_type="bert"),
-        "gives blocks.0.mlp.up.kernel of shape": broken_copy(directory, tmp_path / "shape",
-                                                             intermediate_size=128),
+        "mlp.gate_proj.weight' in": broken_copy(directory, tmp_path / "shape",
+                                                intermediate_size=128),
         "the tokenizer has": broken_copy(directory, tmp_path / "vocab", vocab_size=200),
         "sliding window of 16": broken_copy(directory, tmp_path / "window", model_type="mistral",
                                             sliding_window=16),

@@ -302,12 +302,18 @@ class TensorFiles:
         if missing:
             raise ConversionError(f"{self.dir} lacks the weight file(s) {', '.join(missing[:3])} "
                                   f"named by {INDEX}")
+        if weight_map is None:
+            with self._open(SAFETENSORS) as f:
+                weight_map = dict.fromkeys(f.keys(), SAFETENSORS)
+        self._where = weight_map
+
+    def _open(self, file: str):
+        """A file opened for one read: safetensors maps the whole file, and the pages read stay
+        in this process's memory until it is closed."""
         from safetensors import safe_open
 
         # The "flax" reader, on the host, because numpy has no bfloat16 of its own.
-        self._handles = {f: safe_open(str(self.dir / f), framework="flax") for f in files}
-        self._where = weight_map or {k: SAFETENSORS
-                                     for k in self._handles[SAFETENSORS].keys()}  # noqa: SIM118
+        return safe_open(str(self.dir / file), framework="flax")
 
     def names(self) -> set[str]:
         return set(self._where)
@@ -324,8 +330,9 @@ class TensorFiles:
         found = self.resolve(name)
         if found is None:
             raise ConversionError(f"the weights in {self.dir} have no tensor {name!r}")
-        with jax.default_device(jax.local_devices(backend="cpu")[0]):
-            return np.asarray(self._handles[self._where[found]].get_tensor(found))
+        with jax.default_device(jax.local_devices(backend="cpu")[0]), \
+                self._open(self._where[found]) as f:
+            return np.asarray(f.get_tensor(found))
 
 
 def _flat_paths(tree) -> dict[tuple, object]:
@@ -358,21 +365,25 @@ def load_params(hf_dir: str | pathlib.Path, cfg: TransformerConfig, shardings=No
     dtype = np.dtype(jax.numpy.dtype(cfg.param_dtype))
     values = {}
     for group in _layout(kind, cfg):
-        converted = group.to_ours(*(files.get(n) for n in group.hf))
-        for path, value, name in zip(group.ours, converted, group.hf * len(group.ours),
-                                     strict=False):
-            want = abstract[path].shape
-            if value.shape != tuple(want):
-                where_to = ".".join(map(str, path))
-                raise ConversionError(f"tensor {name!r} in {hf_dir} gives {where_to} of shape "
-                                      f"{value.shape}; config.json implies {tuple(want)}")
-            value = value.astype(dtype)
+        tensors = [files.get(n) for n in group.hf]
+        wanted = [tuple(abstract[path].shape) for path in group.ours]
+        try:
+            converted = group.to_ours(*tensors)
+        except ValueError:  # a reshape that cannot be: the tensor has another size
+            converted = None
+        if converted is None or [v.shape for v in converted] != wanted:
+            raise ConversionError(
+                f"tensor {group.hf[0]!r} in {hf_dir} has shape {tensors[0].shape}, which does not "
+                f"give {'.'.join(map(str, group.ours[0]))} of shape {wanted[0]} as config.json "
+                "implies")
+        for path, value in zip(group.ours, converted, strict=True):
+            value = value.astype(dtype, copy=False)
             sharding = where.get(path)
             values[path] = (jax.device_put(value) if sharding is None else
                             jax.make_array_from_callback(value.shape, sharding,
                                                          lambda idx, v=value: v[idx]))
             del value
-        del converted
+        del converted, tensors
     missing = set(abstract) - set(values)
     if missing:  # a layout that forgets a parameter is a bug here, not the user's
         raise AssertionError(f"no Hugging Face tensor for {sorted(missing)[:3]}")
