@@ -50,6 +50,11 @@ ELSEWHERE = {
                            "the multi-host one above",
     "--workdir=runs/dp8": "test_data_parallel_cli.py::"
                           "test_lm_char_data_parallel_runs_to_completion runs it unshrunk",
+    "--hf_dir=DIR --workdir=OUT": "placeholders; the demonstration runs import_checkpoint, and "
+                                  "test_hf_interop.py::test_import_sample_export_round_trip "
+                                  "imports a random Llama",
+    "--workdir=W --hf_dir=DIR": "placeholders; the demonstration runs export_checkpoint, and "
+                                "test_hf_interop.py::test_import_sample_export_round_trip",
 }
 
 # Appended to shrink a training run (later flags win): a few steps, one evaluation, one
@@ -106,7 +111,9 @@ def test_readme_commands_are_all_known():
         assert words[:3] in (["python", "-m", "experiments.train"],
                              ["python", "-m", "experiments.sample"],
                              ["python", "-m", "experiments.evaluate"],
-                             ["python", "-m", "experiments.benchmark"]) or words == [
+                             ["python", "-m", "experiments.benchmark"],
+                             ["python", "-m", "experiments.import_checkpoint"],
+                             ["python", "-m", "experiments.export_checkpoint"]) or words == [
             "make", "train"], f"README command neither runnable here nor in ELSEWHERE: {command}"
 
 
@@ -140,8 +147,8 @@ def shrunk(command: str, runs) -> tuple[dict, list[str]]:
     program = words[2]
     if program == "experiments.train":
         config = next(w.split("=", 1)[1] for w in words if w.startswith("--config="))
-        family = ("transformer" if "/lm_" in config else
-                  os.path.basename(config).split("_")[0])
+        family = os.path.basename(config).split("_")[0]
+        family = family if family in TINY_MODEL else "transformer"  # lm_*, llama_*, finetune_*
         argv += SHORT + TINY_MODEL[family]
     elif program == "experiments.benchmark":
         argv += TINY_MODEL["transformer"] + ["--steps=2", "--rounds=1"]
