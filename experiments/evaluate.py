@@ -2,7 +2,8 @@
 --workdir=DIR`. Prints one JSON line.
 
 Language models: validation loss (nats per token), perplexity and bits per UTF-8 byte over
-non-overlapping windows covering the validation split. Image families: their held-out metrics
+non-overlapping windows covering the validation split (instruction data: every packed held-out
+window, the loss on completion tokens). Image families: their held-out metrics
 over the whole held-out split (e.g. the VAE's ELBO and importance-weighted NLL), then the
 sample-based metrics of `--num_samples` generated samples (classifier Fréchet distance and its
 real-vs-real floor, classifier accuracy of conditional samples, classifier score; see
@@ -29,6 +30,7 @@ from experiments.common import (
 )
 from genai_jax import models
 from genai_jax.data import images, sequential_batches
+from genai_jax.data.instructions import eval_batches as instruction_batches
 from genai_jax.errors import UserError
 from genai_jax.train import prepare
 
@@ -78,8 +80,13 @@ def main(argv):
     set_eval_keys(config, _SET.value)  # prepare() validates the result
     run = prepare(config, _WORKDIR.value, read_only=True)
     batch = config.eval.batch_size or config.train.batch_size
-    if models.modality(config.model.family) == "text":
-        batches = sequential_batches(run.pipeline.info["validation_tokens"], batch,
+    info = run.pipeline.info
+    if "validation_windows" in info:  # instruction data: every packed held-out window
+        windows = info["validation_windows"]
+        batches = instruction_batches(windows, batch, _MAX_BATCHES.value or len(windows["inputs"]))
+        extent = {"validation_windows": len(windows["inputs"])}
+    elif models.modality(config.model.family) == "text":
+        batches = sequential_batches(info["validation_tokens"], batch,
                                      config.model.block_size, _MAX_BATCHES.value)
         extent = {"validation_tokens": len(batches) * batch * config.model.block_size}
     else:

@@ -208,3 +208,25 @@ def test_instruction_split_and_bits_per_byte_normaliser(tmp_path):
     assert data.validation["loss_mask"].sum() == len("number 18") + len("number 19")
     assert data.bytes_per_token == pytest.approx(1.0)
     assert data.train["loss_mask"].sum() == sum(len(f"number {i}") for i in range(18))
+
+
+def test_instruction_data_trains_and_evaluates(tmp_path, env):
+    """`data.name=instructions` through the trainer, then `experiments.evaluate` on every
+    held-out window."""
+    from tests.test_cli import cli
+
+    records = [{"prompt": f"Q{i}: what is {i} + {i}? ", "completion": f"{2 * i}."}
+               for i in range(60)]
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    config = tiny_lm_config(**{"data.name": "instructions", "data.path": str(path),
+                               "data.tokenizer": "byte", "model.block_size": 64,
+                               "train.steps": 10})
+    run = train(config, tmp_path / "w", progress=False)
+    assert set(run.pipeline.eval[0]) == {"inputs", "targets", "loss_mask", "segment_ids",
+                                         "positions"}
+    first, last = losses(tmp_path / "w")[0], losses(tmp_path / "w")[-1]
+    assert last < first
+    proc = cli("evaluate", f"--workdir={tmp_path / 'w'}", env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["validation_windows"] >= 1 and np.isfinite(result["eval/bits_per_byte"])

@@ -184,13 +184,15 @@ def build(config, data_info: dict) -> Family:
                 module.kernel[...] = module.merged_kernel()
         return nnx.state(model, nnx.All(nnx.Param, nnx.Not(LoRAParam)))
 
+    dropout = cfg.dropout > 0 or (cfg.lora is not None and cfg.lora.dropout > 0)
+
     def loss_fn(params, batch, rng):
         """Mean next-token cross-entropy; packed instruction batches (`data.instructions`)
         carry segment ids, positions and a loss mask (completion tokens only)."""
         model = nnx.merge(graphdef, params)
         logits, _ = model(batch["inputs"], positions=batch.get("positions"),
                           segment_ids=batch.get("segment_ids"),
-                          rng=rng if cfg.dropout > 0 or cfg.lora is not None else None)
+                          rng=rng if dropout else None)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
         if "loss_mask" not in batch:
             return losses.mean(), {}
