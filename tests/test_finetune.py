@@ -229,4 +229,4 @@ def test_instruction_data_trains_and_evaluates(tmp_path, env):
     proc = cli("evaluate", f"--workdir={tmp_path / 'w'}", env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["validation_windows"] >= 1 and np.isfinite(result["eval/bits_per_byte"])
+    assert result["validation_windows"] >= 1 and np.isfinite(result["bits_per_byte"])
