@@ -230,3 +230,14 @@ def test_instruction_data_trains_and_evaluates(tmp_path, env):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["validation_windows"] >= 1 and np.isfinite(result["bits_per_byte"])
+
+
+def test_lora_on_a_bfloat16_base(base_run, text_file, tmp_path):
+    """The frozen base may be stored in bfloat16; the adapters stay float32 and train."""
+    base_dir, _ = base_run
+    config = finetune_config(text_file, base_dir, **{"model.lora.rank": 4,
+                                                     "model.param_dtype": "bfloat16"})
+    run = train(config, tmp_path, progress=False)
+    assert {x.dtype for x in jax.tree.leaves(run.state.frozen)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(run.state.params)} == {jnp.dtype(jnp.float32)}
+    assert all(np.isfinite(loss) for loss in losses(tmp_path))
