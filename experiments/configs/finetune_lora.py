@@ -16,18 +16,11 @@ float32. Export merges the adapters into the weights, or writes them alone as a 
 Measured: see the README's "Fine-tuning a pretrained model" (the demonstration).
 """
 
-from genai_jax.config import base_config
+from experiments.configs import finetune_full
 
 
 def get_config():
-    config = base_config()
-    config.init_from = ""  # required: --config.init_from=WORKDIR
-    config.data.update(name="text_file", path="", validation_fraction=0.1)
+    config = finetune_full.get_config()
     config.model.lora.update(rank=8, alpha=16.0, dropout=0.0, targets="attention")
-    config.train.update(steps=1000, batch_size=16, learning_rate=1e-3, min_learning_rate=1e-4,
-                        warmup_steps=50, b2=0.95, weight_decay=0.1, log_every=50,
-                        steps_per_call=10)
-    config.eval.update(every=100, steps=20)
-    config.checkpoint.every = 500
-    config.sample.update(prompt="\n", max_new_tokens=200, temperature=0.8)
+    config.train.update(learning_rate=1e-3, min_learning_rate=1e-4)
     return config
