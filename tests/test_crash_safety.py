@@ -59,7 +59,6 @@ def one_error_line(done: subprocess.CompletedProcess) -> str:
     return errors[0]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("point", ["before_first_checkpoint", "during_save", "after_save"])
 def test_kill_9_then_rerun_logs_the_uninterrupted_losses(point, reference, text_file, tmp_path,
                                                          env):
@@ -128,7 +127,6 @@ def test_no_readable_checkpoint_stops_with_one_line(trained, text_file, env):
     assert (trained / "config.json").read_text() == config_json
 
 
-@pytest.mark.slow
 def test_a_failed_checkpoint_write_stops_the_run_and_keeps_the_previous_one(
         tmp_path, text_file, reference, env):
     workdir = tmp_path / "run"

@@ -20,7 +20,6 @@ from genai_jax.train.metrics import read_metrics
 from tests.conftest import ROOT, SHARED_DATA
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("devices", [8, 2])
 def test_lm_char_data_parallel_runs_to_completion(devices, tmp_path, env):
     workdir = tmp_path / f"dp{devices}"

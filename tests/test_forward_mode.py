@@ -123,11 +123,7 @@ def check_against_finite_differences(loss, params, v, jvp, hvp):
     assert np.linalg.norm(hvp - fd_hvp) <= RTOL_FD * np.linalg.norm(fd_hvp)
 
 
-@pytest.mark.parametrize("family", [
-    "lm",
-    pytest.param("vae", marks=pytest.mark.slow),  # 30-90 s of compiles on 2 busy cores
-    pytest.param("diffusion", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize("family", ["lm", "vae", "diffusion"])
 def test_jvp_and_hessian_vector_product_equal_finite_differences(family, text_file):
     params, loss = family_loss(family, text_file)
     v = direction(params)
@@ -136,7 +132,6 @@ def test_jvp_and_hessian_vector_product_equal_finite_differences(family, text_fi
     check_against_finite_differences(loss, params, v, jvp, hvp)
 
 
-@pytest.mark.slow  # ~60 s: two sets of compiles
 def test_gan_forward_mode(text_file, monkeypatch):
     params, loss = family_loss("gan", text_file)
     v = direction(params)

@@ -224,7 +224,6 @@ def test_lora_adapter_exports_for_peft(hf_models, imported_llama, text_file, tmp
     assert np.abs(torch_logits(alone.eval(), x) - ours).max() > 100 * tolerance(ours)
 
 
-@pytest.mark.slow
 def test_import_onto_fsdp8_in_bfloat16(hf_models, tmp_path, env):
     directory, _ = hf_models["qwen2"]
     run_env = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}

@@ -29,7 +29,6 @@ def family_config(family: str, **overrides):
     return overridden(config, {**SMALL, **overrides})
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_one_real_step_on_mock_tfds_mnist(family, tmp_path):
     config = family_config(family, **{"data.name": "mnist", "train.steps": 2, "eval.every": 2,

@@ -24,7 +24,6 @@ def test_cached_attention_pallas_matches_xla(q_len):
     np.testing.assert_allclose(ours, ref, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.slow
 def test_training_with_pallas_matches_xla(text_file, tmp_path):
     losses = {}
     for impl in ("xla", "pallas"):

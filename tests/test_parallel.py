@@ -155,7 +155,6 @@ def test_remat_keeps_less_for_the_backward_pass_and_gives_the_same_gradients(bui
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.slow
 def test_remat_is_the_same_training_step_with_dropout(text_file):
     """The family's whole step, dropout included: the recomputed forward pass draws the same
     dropout masks (the key is an argument of the block), so the update is the same."""
@@ -265,7 +264,6 @@ def test_an_8_device_checkpoint_samples_and_evaluates_on_one_device(sharded, env
     assert (workdir / "config.json").read_text() == config_before  # read-only
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("args,message", [
     (["--config.mesh.data=3"], "mesh data=3 x fsdp=1 x tensor=1 has 3 devices but there are 8"),
     (["--config.mesh.fsdp=8", "--config.train.batch_size=12"],
@@ -364,7 +362,6 @@ def test_two_processes_sample_a_gan_sharded_over_both(env, tmp_path):
     assert "samples:" in outs[0][0]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_or_ctrl_c_to_one_process_stops_every_process_at_one_step(stop, text_file, env,
                                                                            tmp_path):
@@ -382,7 +379,6 @@ def test_sigterm_or_ctrl_c_to_one_process_stops_every_process_at_one_step(stop, 
         assert f"agreed by all processes): saved a checkpoint at step {steps[0]}" in err
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("failing", [0, 1])
 def test_an_error_on_one_process_stops_every_process_with_its_line(failing, text_file, env,
                                                                    tmp_path):

@@ -32,6 +32,7 @@ ELLIPSIS = ("--config=experiments/configs/lm_char.py "
 ELSEWHERE = {
     "make test": "CI: .ci/run runs it on a fresh clone",
     "make install": "CI: make test runs it first",
+    "make test-all": "the whole suite, this test included: run on the dev machine before landing",
     "apt-get install bazel-bootstrap": "a system package; Bazel is not part of CI (see below)",
     "bazel ": "needs Bazel, which CI does not install; `bazel test //...` was run on the dev "
               "machine, and test_build_file.py::"
