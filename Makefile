@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 TRAIN_ARGS ?=
 
-.PHONY: install train test test-all lint bench clean
+.PHONY: install train test test-all lint bench bench-finetune clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,22 @@ bench: install
 	$(PY) -m experiments.benchmark --config=experiments/configs/lm_char.py \
 		--config.data.path=../shared/data/tinyshakespeare.txt \
 		--peer=../shared/bench/torch_gpt_ref.py --rounds=5
+
+# Fine-tuning throughput (LoRA, then full) against Hugging Face transformers + peft on the same
+# checkpoint: a random Llama of hf_train_ref.py's default shape, built and imported once.
+BENCH_BASE ?= runs/bench_llama
+BENCH_TEXT ?= ../shared/data/tinyshakespeare.txt
+bench-finetune: install
+	$(PY) -m pip install --quiet torch==2.13.0 'transformers>=5' 'peft>=0.13'
+	test -f $(BENCH_BASE)/config.json || ( \
+		$(PY) -m experiments.random_hf_model --text=$(BENCH_TEXT) --hf_dir=$(BENCH_BASE)_hf && \
+		$(PY) -m experiments.import_checkpoint --hf_dir=$(BENCH_BASE)_hf --workdir=$(BENCH_BASE) )
+	for mode in lora full; do \
+		$(PY) -m experiments.benchmark --config=experiments/configs/finetune_$$mode.py \
+			--config.init_from=$(BENCH_BASE) --config.data.path=$(BENCH_TEXT) \
+			--config.train.batch_size=8 --peer=../shared/bench/hf_train_ref.py \
+			--rounds=5 --steps=20 || exit 1; \
+	done
 
 clean:
 	rm -rf runs

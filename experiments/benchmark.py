@@ -8,7 +8,8 @@ Figures: training throughput (tokens/s for the LM, examples/s for image families
 `--rounds` timed rounds of `--steps` steps (in calls of `train.steps_per_call`, after the first
 compiled call): the median, and the spread (each round, min, max, (max - min) / median) since
 one shared machine's rounds differ; step time; first-step compile time; model FLOPs (LM:
-6N + 12·L·T·D per token, N = parameters without the position table; image families: XLA's
+`flops.lm_training_flops_per_token`, 6N + 12·L·T·D per token for N matmul weights (no lookup
+tables), 4 instead of 6 per frozen weight of a LoRA run's base; image families: XLA's
 count of one optimizer step compiled on its own, per example: the trainer's `lax.scan` over
 `steps_per_call` steps, and gradient accumulation's over micro-batches, would each be counted
 once by XLA, whatever their trip count); sampling speed (LM: decode tokens/s with the KV cache;
@@ -24,11 +25,23 @@ the fraction of what this device's matmul unit does in practice.
 
 `--peer=../shared/bench/torch_gpt_ref.py` also runs that PyTorch script between our rounds
 (alternating, so both see the same machine state) and reports its tokens/s and our ratio.
+`--peer=../shared/bench/hf_train_ref.py` (Hugging Face transformers + peft) does the same for a
+fine-tuning config: it trains the Hugging Face checkpoint this run's base was imported from
+(`hf_import.json`, followed down the `init_from` chain), `--mode lora` when
+`model.lora.rank > 0` (q/k/v/o adapters) and `--mode full` otherwise, at our context and batch:
+
+    python -m experiments.benchmark --config=experiments/configs/finetune_lora.py \\
+        --config.init_from=runs/bench_llama --config.data.path=../shared/data/tinyshakespeare.txt \\
+        --config.train.batch_size=8 --peer=../shared/bench/hf_train_ref.py --steps=20 --rounds=5
+
+(`make bench-finetune` builds that base and runs LoRA and full.) The JSON also has the trained
+and frozen parameter counts and the optimizer state's bytes per device.
 """
 
 from __future__ import annotations
 
 import json
+import pathlib
 import resource
 import statistics
 import subprocess
@@ -49,7 +62,11 @@ from experiments.common import (
     user_errors_as_one_line,
 )
 from genai_jax import models, parallel
+from genai_jax.errors import UserError
 from genai_jax.evaluation import flops as flops_lib
+from genai_jax.interop import huggingface as hf
+from genai_jax.models.lm import lora_targets
+from genai_jax.models.transformer import ATTENTION_PROJECTIONS
 from genai_jax.train import prepare, provenance
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file",
@@ -77,14 +94,27 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def model_flops_per_token(params, cfg) -> float:
-    """Training FLOPs per token (PaLM appendix B): 6 per matmul weight + attention scores."""
-    counts = {"/".join(map(str, path)): x.size for path, x in
-              jax.tree_util.tree_leaves_with_path(params)}
-    n = sum(counts.values())
-    n -= sum(v for k, v in counts.items() if "pos_embed" in k)  # lookups, not matmuls
-    attention = 12 * cfg.model.num_layers * cfg.model.block_size * cfg.model.embed_dim
-    return 6 * n + attention
+def _sizes(tree) -> dict[str, int]:
+    """Leaf sizes of a parameter state by top-level name ("embed", "blocks", ...)."""
+    out: dict[str, int] = {}
+    for path, x in jax.tree_util.tree_leaves_with_path(tree):
+        name = getattr(path[0], "key", getattr(path[0], "name", str(path[0])))
+        out[name] = out.get(name, 0) + x.size
+    return out
+
+
+def model_flops_per_token(state, cfg) -> float:
+    """Training FLOPs per token of the LM state `state` (`flops.lm_training_flops_per_token`):
+    6 per trained matmul weight, 4 per frozen one (a LoRA base), plus attention. Lookups are no
+    matmuls: the position table, and the token table when the head is a separate matrix."""
+    lookups = {"pos_embed"} | ({"embed"} if not cfg.model.tie_embeddings else set())
+    count = lambda tree: sum(v for k, v in _sizes(tree).items() if k not in lookups)
+    trained, frozen = count(state.params), count(state.frozen or {})
+    m = cfg.model
+    head_dim = m.head_dim or m.embed_dim // m.num_heads
+    return flops_lib.lm_training_flops_per_token(
+        trained + frozen, frozen_params=frozen, num_layers=m.num_layers, context=m.block_size,
+        attention_dim=m.num_heads * head_dim)
 
 
 def train_flops_per_example(run) -> float:
@@ -130,14 +160,61 @@ def device_peak(dtype: str) -> tuple[float | None, str, str]:
     return peak * jax.device_count(), source, f"per device x {jax.device_count()} devices"
 
 
-def run_peer(path: str, cfg) -> float:
-    m = cfg.model
-    out = subprocess.run([sys.executable, path, "--steps", str(_STEPS.value),
-                          "--block", str(m.block_size), "--layers", str(m.num_layers),
-                          "--heads", str(m.num_heads), "--dim", str(m.embed_dim),
-                          "--batch", str(cfg.train.batch_size)],
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["train_tokens_per_s"]
+# The two PyTorch peers, told apart by file name: a nanoGPT-style GPT of the config's shape, and
+# Hugging Face transformers (+ peft) fine-tuning the checkpoint the run's base was imported from.
+GPT_PEER, HF_PEER = "torch_gpt_ref.py", "hf_train_ref.py"
+
+
+def imported_from(workdir: str) -> pathlib.Path | None:
+    """The Hugging Face directory the weights of `workdir` came from: its own import record, or
+    that of the run its `init_from` names, followed down the chain; None when there is none."""
+    seen, path = set(), pathlib.Path(workdir)
+    while path not in seen:
+        seen.add(path)
+        record = path / hf.IMPORT_FILE
+        if record.is_file():
+            return pathlib.Path(json.loads(record.read_text())["hf_dir"])
+        saved = path / "config.json"
+        source = json.loads(saved.read_text()).get("init_from") if saved.is_file() else ""
+        if not source:
+            return None
+        path = pathlib.Path(source)
+    return None
+
+
+def peer_command(path: str, cfg) -> list[str]:
+    """The command line of the peer at `path` for the run config `cfg` (its inherited model
+    keys); a peer that cannot train this run's model is refused with one line."""
+    name, m = pathlib.Path(path).name, cfg.model
+    if not pathlib.Path(path).is_file():
+        raise UserError(f"--peer {path} does not exist")
+    common = [sys.executable, path, "--steps", str(_STEPS.value),
+              "--batch", str(cfg.train.batch_size)]
+    if name == GPT_PEER:
+        return common + ["--block", str(m.block_size), "--layers", str(m.num_layers),
+                         "--heads", str(m.num_heads), "--dim", str(m.embed_dim)]
+    if name == HF_PEER:
+        hf_dir = imported_from(cfg.init_from) if cfg.get("init_from") else None
+        if hf_dir is None or not hf_dir.is_dir():
+            raise UserError(f"--peer {path} trains the Hugging Face checkpoint the run starts "
+                            "from: pass --config.init_from=W, W imported with "
+                            "experiments.import_checkpoint (or fine-tuned from such a run)"
+                            + (f"; {hf_dir} is gone" if hf_dir is not None else ""))
+        if m.lora.rank and lora_targets(m.lora.targets, m.mlp) != ATTENTION_PROJECTIONS:
+            raise UserError(f"--peer {path} puts LoRA adapters on q, k, v and o only: run with "
+                            f"model.lora.targets='attention' (not {m.lora.targets!r})")
+        return common + ["--mode", "lora" if m.lora.rank else "full", "--hf_dir", str(hf_dir),
+                         "--ctx", str(m.block_size), "--rank", str(m.lora.rank or 8)]
+    raise UserError(f"--peer {path}: unknown peer; the benchmark runs {GPT_PEER} (the GPT "
+                    f"configs) and {HF_PEER} (fine-tuning configs)")
+
+
+def run_peer(command: list[str]) -> dict:
+    """The peer's JSON line (its last line of output)."""
+    out = subprocess.run(command, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"the peer {' '.join(command)} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @user_errors_as_one_line
@@ -146,8 +223,11 @@ def main(argv):
     start_distributed()
     cfg = config_from_flag(_CONFIG)
     logging.set_verbosity(logging.WARNING)
+    if _PEER.value:
+        peer_command(_PEER.value, cfg)  # refused here, before anything compiles
     with tempfile.TemporaryDirectory() as workdir:
         run = prepare(cfg, workdir)
+        cfg = run.config  # with the model keys inherited from `init_from`
         k = run.steps_per_call
         calls = max(1, _STEPS.value // k)
         batch = run.global_batches(0)
@@ -155,13 +235,17 @@ def main(argv):
         step_fn = run.jit_train_step().lower(run.state, batch).compile()
         compile_s = time.perf_counter() - t0
         state_bytes = parallel.bytes_per_device(run.state)
+        opt_bytes = parallel.bytes_per_device(run.state.opt_state)
+        trainable = sum(x.size for x in jax.tree.leaves(run.state.params))
+        frozen = sum(x.size for x in jax.tree.leaves(run.state.frozen or {}))
         is_lm = models.modality(cfg.model.family) == "text"
-        flops = (model_flops_per_token(run.state.params, cfg) if is_lm
+        flops = (model_flops_per_token(run.state, cfg) if is_lm
                  else train_flops_per_example(run))
         state, metrics = step_fn(run.state, batch)
         jax.block_until_ready(metrics)
         tokens_per_step = cfg.train.batch_size * run.family.tokens_per_example
-        ours, peer, step = [], [], k
+        ours, peer, peer_out, step = [], [], {}, k
+        command = peer_command(_PEER.value, cfg) if _PEER.value else None
         for _ in range(_ROUNDS.value):
             batches = [run.global_batches(step + i * k) for i in range(calls)]
             t0 = time.perf_counter()
@@ -170,8 +254,9 @@ def main(argv):
             jax.block_until_ready((state, metrics))
             ours.append(calls * k * tokens_per_step / (time.perf_counter() - t0))
             step += calls * k
-            if _PEER.value:
-                peer.append(run_peer(_PEER.value, cfg))
+            if command:
+                peer_out = run_peer(command)
+                peer.append(peer_out["train_tokens_per_s"])
         run.state = state
 
         if is_lm:
@@ -192,6 +277,10 @@ def main(argv):
     measured_total = measured * (jax.process_count() if jax.default_backend() == "cpu"
                                  else jax.device_count())
     peak, peak_source, peak_note = device_peak(dtype)
+    if peak is not None and measured_total > peak:
+        # e.g. a virtual machine whose /proc/cpuinfo gives the base clock, not the boost clock
+        peak_note += (f"; the timed matmul ({measured_total / 1e9:.0f} GFLOP/s) beat this peak, "
+                      "so the peak is too low and mfu reads high: see mfu_vs_timed_matmul")
     achieved = flops * per_s
     stats = jax.devices()[0].memory_stats() or {}
     result = {
@@ -203,11 +292,15 @@ def main(argv):
         # arrays' shards; and the compiled step's scratch memory per device, from XLA
         "state_bytes_per_device": max(state_bytes.values()),
         "step_temp_bytes_per_device": _temp_bytes(step_fn),
+        # what the optimizer trains (with LoRA: the adapters; the base is frozen) and the
+        # optimizer's state (AdamW moments) each device holds
+        "trainable_params": trainable, "frozen_params": frozen,
+        "opt_state_bytes_per_device": max(opt_bytes.values(), default=0),
         f"train_{unit}_per_s": per_s, f"train_{unit}_per_s_rounds": ours,
         f"train_{unit}_per_s_spread": spread(ours),
         "step_ms": 1000 * tokens_per_step / per_s,
         "first_step_compile_s": compile_s,
-        f"model_flops_per_{unit[:-1]}": flops,
+        f"model_flops_per_{unit[:-1]}": flops, "model_flops_per_s": achieved,
         "mfu": None if peak is None else achieved / peak, "peak_flops": peak,
         "peak_source": peak_source, "peak_note": peak_note,
         "mfu_vs_timed_matmul": achieved / measured_total, "timed_matmul_flops": measured,
@@ -225,7 +318,13 @@ def main(argv):
     if peer:
         result.update(peer_tokens_per_s=statistics.median(peer), peer_tokens_per_s_rounds=peer,
                       peer_tokens_per_s_spread=spread(peer),
-                      speedup_vs_peer=statistics.median(np.array(ours) / np.array(peer)))
+                      speedup_vs_peer=statistics.median(np.array(ours) / np.array(peer)),
+                      # the same model's FLOPs per token at the peer's rate
+                      peer_model_flops_per_s=flops * statistics.median(peer),
+                      peer_command=" ".join(command[1:]),
+                      peer_versions={k: peer_out[k] for k in ("torch", "transformers", "threads")
+                                     if k in peer_out},
+                      peer_trainable_params=peer_out.get("trainable_params"))
     if jax.process_index() == 0:
         rounds = spread(ours)
         print(f"train {unit}/s over {len(ours)} rounds: median {rounds['median']:.4g}, min "

@@ -276,3 +276,35 @@ def test_bad_checkpoints_are_refused_with_one_line(hf_models, tmp_path, env):
         proc = cli("import_checkpoint", f"--hf_dir={source}", f"--workdir={workdir}", env=env)
         assert expected in error_line(proc), (expected, proc.stderr[-1000:])
         assert not workdir.exists(), expected
+
+
+def test_benchmark_alternates_with_the_transformers_peer(text_file, tmp_path, env):
+    """`experiments.random_hf_model` writes a Llama with a trained BPE tokenizer; imported, a
+    LoRA fine-tuning config benchmarks against `hf_train_ref.py` training that same checkpoint
+    with peft: the same adapters (q, k, v, o at rank 8: equal trainable counts). A peer that
+    cannot train the run's model is refused before anything compiles."""
+    from tests.conftest import ROOT
+
+    peer = ROOT.parent / "shared" / "bench" / "hf_train_ref.py"
+    if not peer.is_file():
+        pytest.skip(f"{peer} is not there")
+    hf_dir, workdir = tmp_path / "hf", tmp_path / "imported"
+    proc = cli("random_hf_model", f"--text={text_file}", f"--hf_dir={hf_dir}", "--layers=2",
+               "--dim=32", "--heads=4", "--kv_heads=2", "--mlp=64", "--vocab=300", "--ctx=32",
+               env=env)
+    assert proc.returncode == 0 and "random Llama" in proc.stdout, proc.stderr[-3000:]
+    assert hf.read_config(hf_dir)["model_type"] == "llama"
+    proc = cli("import_checkpoint", f"--hf_dir={hf_dir}", f"--workdir={workdir}", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    common = ["--config=experiments/configs/finetune_lora.py", f"--config.init_from={workdir}",
+              f"--config.data.path={text_file}", "--config.train.batch_size=4",
+              f"--peer={peer}", "--steps=2", "--rounds=1", "--decode_tokens=4"]
+    proc = cli("benchmark", *common, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["peer_tokens_per_s"] > 0 and "--mode lora" in result["peer_command"]
+    assert result["trainable_params"] == result["peer_trainable_params"] == 2 * 8 * (
+        (32 + 32) + (32 + 16) + (32 + 16) + (32 + 32))  # 2 layers x rank 8 x (q, k, v, o)
+    assert result["frozen_params"] > 0 and result["opt_state_bytes_per_device"] > 0
+    assert error_line(cli("benchmark", *common, "--config.model.lora.targets=all", env=env)) \
+        .endswith("run with model.lora.targets='attention' (not 'all')")

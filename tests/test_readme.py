@@ -37,6 +37,10 @@ ELSEWHERE = {
     "bazel ": "needs Bazel, which CI does not install; `bazel test //...` was run on the dev "
               "machine, and test_build_file.py::"
               "test_build_file_covers_every_module_and_test_file keeps BUILD complete",
+    "make bench-finetune": "installs torch, transformers and peft; test_hf_interop.py::"
+                           "test_benchmark_alternates_with_the_transformers_peer runs its "
+                           "three steps (random_hf_model, import, benchmark with the peer) on a "
+                           "tiny Llama",
     "make bench": "installs torch; test_cli.py::test_benchmark_prints_one_json_line runs the "
                   "benchmark it calls (without the PyTorch peer)",
     "--num_processes=4": "needs 4 hosts; test_parallel.py::"

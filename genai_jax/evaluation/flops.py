@@ -141,3 +141,24 @@ def compiled_flops(compiled) -> float:
     if isinstance(analysis, list):  # older jax: one dict per partition
         analysis = analysis[0]
     return float(analysis["flops"])
+
+
+def lm_training_flops_per_token(matmul_params: int, *, num_layers: int, context: int,
+                                attention_dim: int, frozen_params: int = 0) -> float:
+    """Model FLOPs of one training token of a decoder-only transformer.
+
+    `matmul_params` counts the weights a token is multiplied with (every parameter except
+    embedding lookups: a learned position table, and the token table when the output head is a
+    separate matrix), `frozen_params` how many of them are not trained (a LoRA run's base). A
+    trained weight costs 6 FLOPs per token (PaLM, appendix B): 2 forward, 2 for the input
+    gradient, 2 for its own gradient; a frozen one 4, since no weight gradient is computed (the
+    input gradient still is: adapters below it are trained). So full training is 6N and LoRA
+    4N + 6 N_lora. Attention adds 12 L T D for `num_layers` L, `context` T and `attention_dim` D
+    (heads x head_dim): QK^T and PV, 2 T D each forward, twice that backward, which needs the
+    gradients of q, k and v whatever is frozen (counted over all T keys, as PaLM does, not the
+    causal half). One saving of a LoRA step is left out: nothing below the first layer's q/k/v
+    projections is trained, so their input gradients are not computed either (~1% of the
+    figure for 6 layers; tests/test_flops.py checks both against XLA's count).
+    """
+    trained = matmul_params - frozen_params
+    return 6 * trained + 4 * frozen_params + 12 * num_layers * context * attention_dim

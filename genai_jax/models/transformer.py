@@ -119,11 +119,12 @@ class Attention(nnx.Module):
         self.out = Dense([h, hd], [d], axes=("heads", "kv", "embed"), use_bias=cfg.use_bias,
                          stddev=0.02 / math.sqrt(2 * cfg.num_layers), lora=adapt("out"), **kw)
 
-    def __call__(self, x: jax.Array, positions: jax.Array,
+    def __call__(self, x: jax.Array, positions: jax.Array | None,
                  cache: dict[str, jax.Array] | None = None,
                  segment_ids: jax.Array | None = None, rng: jax.Array | None = None):
         """x: `[batch, seq, embed]`; positions and segment_ids (packed examples, no cache):
-        `[batch, seq]`; rng: the adapters' dropout key. Returns (y, updated cache)."""
+        `[batch, seq]` (positions None: `0..seq-1` in every row, no cache); rng: the adapters'
+        dropout key. Returns (y, updated cache)."""
         keys = [None] * 4 if rng is None else list(jax.random.split(rng, 4))
         q, k, v = (constrain(f(x, r), HEADS) for f, r in zip((self.q, self.k, self.v), keys,
                                                               strict=False))
@@ -205,11 +206,15 @@ class Transformer(nnx.Module):
         Returns:
           (logits `[batch, seq, vocab]` in float32, updated cache or None).
         """
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        # Given positions reach the blocks; the default reaches them as None, so that rotary
+        # embeddings use a constant table (`nn.rotary`).
+        default = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        if positions is None and cache is not None:
+            positions = default
         x = self.embed(tokens)
         if self.pos_embed is not None:
-            x = x + lookup(self.pos_embed[...], positions, (None, "embed")).astype(x.dtype)
+            x = x + lookup(self.pos_embed[...], default if positions is None else positions,
+                           (None, "embed")).astype(x.dtype)
         rngs = [None] * (len(self.blocks) + 1) if rng is None else list(
             jax.random.split(rng, len(self.blocks) + 1))
         x = constrain(_dropout(x, self.cfg.dropout, rngs[-1]), RESIDUAL)

@@ -10,8 +10,12 @@ kernel through `jax.nn.dot_product_attention`), "pallas" (our own flash kernels 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from einops import rearrange
+from jax.custom_derivatives import SymbolicZero
 
 IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
 
@@ -69,22 +73,96 @@ def dot_product_attention(
 
 
 def _xla_attention(q, k, v, *, causal, mask):
-    """Two batched matmuls and a float32 softmax.
+    """Two batched matmuls and a float32 softmax (`_attend`) per block of queries.
 
-    Grouped-query attention folds the query heads of each kv head into one axis so that K/V are
-    never repeated in memory.
+    Layout inside: queries `[blocks, b, kv_heads, rows, d]`, the `group` query heads that share
+    a kv head folded into the rows (`rows = block_len x group`), so that K/V are never repeated
+    in memory and each block is one contiguous slice; keys and values `[b, kv_heads, k, d]`.
+    The 1/sqrt(head_dim) scale is applied to q, not to the logits.
     """
-    b, tq, h, d = q.shape
-    tk, kvh = k.shape[1], k.shape[2]
-    g = h // kvh
-    qg = q.reshape(b, tq, kvh, g, d)
-    logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32)
-    logits = logits * (d ** -0.5)
-    if causal:
-        mask_c = jnp.tril(jnp.ones((tq, tk), dtype=bool))
-        logits = jnp.where(mask_c, logits, jnp.finfo(jnp.float32).min)
-    if mask is not None:  # [b, 1, tq, tk]: the same for every head
-        logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v)
-    return out.reshape(b, tq, h, d).astype(q.dtype)
+    g = q.shape[2] // k.shape[2]
+    n = _num_query_blocks(q.shape[1], k.shape[1], causal)
+    qb = rearrange(q * q.shape[-1] ** -0.5, "b (n s) (h g) d -> n b h (s g) d", n=n, g=g)
+    kh, vh = (rearrange(x, "b k h d -> b h k d") for x in (k, v))
+    if mask is not None:  # [b, 1, q_len, kv_len]: the same for every head
+        mask = rearrange(jnp.repeat(mask, g, axis=2), "b o (n r) k -> n b o r k", n=n)
+    out = _attend(qb, kh, vh, mask, causal, g)
+    return rearrange(out, "n b h (s g) d -> b (n s) (h g) d", g=g).astype(q.dtype)
+
+
+# Causal attention runs in up to MAX_QUERY_BLOCKS query blocks of at least MIN_QUERY_BLOCK rows:
+# each block multiplies only the keys up to its last query, which skips (n - 1) / 2n of the
+# logits for n blocks, and its logits stay in cache. Blocks of 64 rows were the fastest of
+# 32-256 for a [8, 256, 8, 64] causal GQA forward and backward on 2 CPU cores (4 blocks: 2.3x
+# faster than one block with autodiff's backward; 1.5x from the blocks alone).
+MIN_QUERY_BLOCK, MAX_QUERY_BLOCKS = 64, 8
+
+
+def _num_query_blocks(q_len: int, kv_len: int, causal: bool) -> int:
+    """How many blocks the queries are split into (1 unless causal self-attention)."""
+    n = min(MAX_QUERY_BLOCKS, q_len // MIN_QUERY_BLOCK)
+    return n if causal and q_len == kv_len and n >= 2 and q_len % n == 0 else 1
+
+
+def _block_keys(q, k, causal: bool, group: int) -> list[int]:
+    """The keys each query block sees: with a causal mask, up to its last query."""
+    n, rows = q.shape[0], q.shape[3] // group
+    return [(i + 1) * rows if causal else k.shape[2] for i in range(n)]
+
+
+def _attend_forward(q, k, v, mask, causal, group):
+    """(output `[n, b, h, rows, d]`, float32 probabilities of each query block)."""
+    outs, probs = [], []
+    rows = q.shape[3] // group
+    for i, keys in enumerate(_block_keys(q, k, causal, group)):
+        logits = jnp.einsum("bhrd,bhkd->bhrk", q[i], k[:, :, :keys],
+                            preferred_element_type=jnp.float32)
+        keep = None
+        if causal:  # row r holds query i * rows + r // group
+            position = i * rows + jnp.arange(q.shape[3]) // group
+            keep = position[:, None] >= jnp.arange(keys)[None, :]
+        if mask is not None:
+            keep = mask[i, ..., :keys] if keep is None else keep & mask[i, ..., :keys]
+        if keep is not None:
+            logits = jnp.where(keep, logits, jnp.finfo(jnp.float32).min)
+        p = jax.nn.softmax(logits, axis=-1)
+        outs.append(jnp.einsum("bhrk,bhkd->bhrd", p.astype(v.dtype), v[:, :, :keys]))
+        probs.append(p)
+    return jnp.stack(outs), probs
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5))
+def _attend(q, k, v, mask, causal, group):
+    """`softmax(q k^T, masked) v` for query blocks `q [n, b, h, rows, d]` (already scaled),
+    `k, v [b, h, k, d]`, `mask` `[n, b, 1, rows, k]` or None.
+
+    Its tangent is written so that its transpose, the backward pass, is the one flash attention
+    uses: `dS = P * (dO V^T - rowsum(dO * O))`, the row sum over head_dim rather than autodiff's
+    `rowsum(dP * P)` over every key (and no gradient of the scale or the mask over the logits).
+    Forward mode and Hessian-vector products work as with autodiff (tests/test_forward_mode.py).
+    """
+    return _attend_forward(q, k, v, mask, causal, group)[0]
+
+
+@functools.partial(_attend.defjvp, symbolic_zeros=True)
+def _attend_jvp(causal, group, primals, tangents):
+    q, k, v, mask = primals
+    dq, dk, dv, _ = (None if isinstance(t, SymbolicZero) else t for t in tangents)
+    out, probs = _attend_forward(q, k, v, mask, causal, group)
+    douts = []
+    for i, (keys, p) in enumerate(zip(_block_keys(q, k, causal, group), probs, strict=True)):
+        terms = []
+        if dq is not None or dk is not None:
+            # dO = (P * dS) V - rowsum(P * dS) O, with dS the logits' tangent
+            ds = [jnp.einsum("bhrd,bhkd->bhrk", a, b[:, :, :keys],
+                             preferred_element_type=jnp.float32)
+                  for a, b in ((None if dq is None else dq[i], k), (q[i], dk))
+                  if a is not None and b is not None]
+            pds = p * functools.reduce(jnp.add, ds)
+            terms.append(jnp.einsum("bhrk,bhkd->bhrd", pds.astype(v.dtype), v[:, :, :keys])
+                         - (pds.sum(-1, keepdims=True) * out[i].astype(jnp.float32)
+                            ).astype(v.dtype))
+        if dv is not None:
+            terms.append(jnp.einsum("bhrk,bhkd->bhrd", p.astype(v.dtype), dv[:, :, :keys]))
+        douts.append(functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(out[i]))
+    return out, jnp.stack(douts)

@@ -285,19 +285,35 @@ def rope_frequencies(head_dim: int, theta: float = 10_000.0, scaling: str = "non
     return tuple(float(f) for f in inv.astype(np.float32))
 
 
-def rotary(x: jax.Array, positions: jax.Array,
+@functools.lru_cache(maxsize=64)
+def _rotary_table(frequencies: tuple[float, ...], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sin, cos) `[length, half]` of the angles `position * frequency` (float32, as computed
+    on the device) for positions 0..length-1."""
+    angles = np.arange(length, dtype=np.float32)[:, None] * np.asarray(frequencies, np.float32)
+    return np.sin(angles.astype(np.float64)).astype(np.float32), np.cos(
+        angles.astype(np.float64)).astype(np.float32)
+
+
+def rotary(x: jax.Array, positions: jax.Array | None,
            frequencies: tuple[float, ...] | None = None) -> jax.Array:
     """Rotary position embedding (rotate-half convention: dimension `i` pairs with
     `i + head_dim / 2`, the layout of Hugging Face Llama checkpoints).
 
     Args:
       x: `[batch, seq, heads, head_dim]`, head_dim even.
-      positions: `[batch, seq]` integer positions.
+      positions: `[batch, seq]` integer positions, or None for `0..seq-1` in every row.
       frequencies: `head_dim / 2` angular frequencies (`rope_frequencies`); default base 10^4.
     """
-    freqs = jnp.asarray(frequencies or rope_frequencies(x.shape[-1]), jnp.float32)
-    angles = positions[..., None].astype(jnp.float32) * freqs  # [batch, seq, half]
-    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    frequencies = tuple(frequencies or rope_frequencies(x.shape[-1]))
+    if positions is None:
+        # A constant table: computed on the device, sin and cos are fused into their
+        # consumers and XLA:CPU evaluates them again for every head and both halves of x,
+        # forward and backward (~4% of a width-512 Llama's training step on 2 cores).
+        sin, cos = (jnp.asarray(t)[None, :, None, :]
+                    for t in _rotary_table(frequencies, x.shape[1]))
+    else:
+        angles = positions[..., None].astype(jnp.float32) * jnp.asarray(frequencies, jnp.float32)
+        sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
