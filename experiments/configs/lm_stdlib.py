@@ -1,7 +1,8 @@
 """Default experiment: a byte-level GPT on this interpreter's standard library sources.
 
 Needs no network and no files: the corpus (~11 MB of Python, split by file) is built once into
-a TFDS data dir (`~/tensorflow_datasets/stdlib_code/` unless `data.data_dir` is set).
+a TFDS data dir (`$GENAI_JAX_CACHE/tensorflow_datasets/stdlib_code/`, by default under
+`~/.cache/genai_jax`, unless `data.data_dir` is set).
 
     python -m experiments.train --config=experiments/configs/lm_stdlib.py --workdir=runs/stdlib
 
