@@ -213,8 +213,8 @@ class Transformer(nnx.Module):
             positions = default
         x = self.embed(tokens)
         if self.pos_embed is not None:
-            x = x + lookup(self.pos_embed[...], default if positions is None else positions,
-                           (None, "embed")).astype(x.dtype)
+            table_positions = default if positions is None else positions
+            x = x + lookup(self.pos_embed[...], table_positions, (None, "embed")).astype(x.dtype)
         rngs = [None] * (len(self.blocks) + 1) if rng is None else list(
             jax.random.split(rng, len(self.blocks) + 1))
         x = constrain(_dropout(x, self.cfg.dropout, rngs[-1]), RESIDUAL)

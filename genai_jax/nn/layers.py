@@ -287,8 +287,9 @@ def rope_frequencies(head_dim: int, theta: float = 10_000.0, scaling: str = "non
 
 @functools.lru_cache(maxsize=64)
 def _rotary_table(frequencies: tuple[float, ...], length: int) -> tuple[np.ndarray, np.ndarray]:
-    """(sin, cos) `[length, half]` of the angles `position * frequency` (float32, as computed
-    on the device) for positions 0..length-1."""
+    """(sin, cos) `[length, half]` of the float32 angles `position * frequency` for positions
+    0..length-1, evaluated in float64 and rounded to float32 (within 2e-6 of the device's
+    float32 sin/cos: tests/test_model.py)."""
     angles = np.arange(length, dtype=np.float32)[:, None] * np.asarray(frequencies, np.float32)
     return np.sin(angles.astype(np.float64)).astype(np.float32), np.cos(
         angles.astype(np.float64)).astype(np.float32)
