@@ -27,10 +27,10 @@ from absl import app, flags, logging
 from experiments.common import parse_flags, start_distributed, user_errors_as_one_line, with_mesh
 from genai_jax import config as config_lib
 from genai_jax import parallel
-from genai_jax.data.tokenizers import HFTokenizer
 from genai_jax.errors import UserError
 from genai_jax.interop import huggingface as hf
 from genai_jax.models.lm import model_config
+from genai_jax.tokenization.tokenizers import HFTokenizer
 from genai_jax.train import provenance
 from genai_jax.train.checkpoint import Checkpointer
 

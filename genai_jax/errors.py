@@ -7,3 +7,7 @@ without touching the workdir; any other exception is a bug and keeps its traceba
 
 class UserError(ValueError):
     pass
+
+
+class DataError(UserError):
+    """A problem with the user's data or data config; its message names the fix."""

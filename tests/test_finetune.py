@@ -13,8 +13,8 @@ from flax import nnx
 
 from genai_jax.config_checks import ConfigError
 from genai_jax.data.instructions import load_instructions, pack, read_jsonl
-from genai_jax.data.tokenizers import DataError, Tokenizer
 from genai_jax.models.transformer import Transformer, TransformerConfig
+from genai_jax.tokenization.tokenizers import DataError, Tokenizer
 from genai_jax.train import train
 from tests.conftest import tiny_lm_config
 

@@ -164,7 +164,7 @@ def test_import_sample_export_round_trip(hf_models, imported_llama, tmp_path, en
 
 
 def test_a_from_scratch_model_with_learned_positions_exports_as_gpt2(text_file, tmp_path, env):
-    from genai_jax.data.tokenizers import load_tokenizer
+    from genai_jax.tokenization.tokenizers import load_tokenizer
     from genai_jax.train import train
     from tests.conftest import tiny_lm_config
 

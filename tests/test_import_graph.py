@@ -31,7 +31,7 @@ LAYERS = (
     ("genai_jax.models",),
     ("genai_jax.nn", "genai_jax.sampling", "genai_jax.data", "genai_jax.optim",
      "genai_jax.evaluation"),
-    ("genai_jax.parallel",),
+    ("genai_jax.parallel", "genai_jax.tokenization"),
     ("genai_jax", "genai_jax.config_checks", "genai_jax.errors"),
     ("pallas_kernels",),  # importable without genai_jax
 )

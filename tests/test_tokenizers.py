@@ -20,10 +20,10 @@ import pytest
 
 from genai_jax import config as config_lib
 from genai_jax.data import build, load_text
-from genai_jax.data import tokenizers as tok
-from genai_jax.data.chat_templates import ChatTemplateError
-from genai_jax.data.tokenizers import DataError, HFTokenizer, Tokenizer, load_tokenizer
 from genai_jax.errors import UserError
+from genai_jax.tokenization import tokenizers as tok
+from genai_jax.tokenization.chat_templates import ChatTemplateError
+from genai_jax.tokenization.tokenizers import DataError, HFTokenizer, Tokenizer, load_tokenizer
 from tests.conftest import tiny_lm_config
 
 SAMPLES = [
@@ -278,7 +278,7 @@ def test_bpe_is_trained_deterministically_and_saved(tmp_path):
     assert bpe.backend.id_to_token(bpe.eos_token_id) == tok.END_OF_TEXT
     assert bpe.backend.to_str() == tok.make_tokenizer("bpe:500", text).backend.to_str()
     # and in another process (the Rust side seeds its hash maps at random)
-    script = ("import sys, hashlib; from genai_jax.data.tokenizers import train_bpe; "
+    script = ("import sys, hashlib; from genai_jax.tokenization.tokenizers import train_bpe; "
               "print(hashlib.sha1(train_bpe(sys.stdin.buffer.read(), 500).backend.to_str()"
               ".encode()).hexdigest())")
     out = subprocess.run([sys.executable, "-c", script], input=text, capture_output=True,

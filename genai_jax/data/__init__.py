@@ -3,8 +3,8 @@
 from genai_jax.data.lm_batches import LMBatches, eval_batches, sequential_batches
 from genai_jax.data.pipeline import Pipeline, build
 from genai_jax.data.text import TextData, load_text
-from genai_jax.data.tokenizers import (
-    DataError,
+from genai_jax.errors import DataError
+from genai_jax.tokenization import (
     HFTokenizer,
     Tokenizer,
     load_tokenizer,

@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from genai_jax import paths
-from genai_jax.data.tokenizers import DataError
+from genai_jax.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 

@@ -23,7 +23,7 @@ import pathlib
 import numpy as np
 from absl import logging
 
-from genai_jax.data.tokenizers import DataError
+from genai_jax.errors import DataError
 from genai_jax.parallel.sharding import process_rows
 
 FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")

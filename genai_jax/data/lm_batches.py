@@ -8,7 +8,7 @@ import dataclasses
 
 import numpy as np
 
-from genai_jax.data.tokenizers import DataError
+from genai_jax.errors import DataError
 from genai_jax.parallel.sharding import process_rows
 
 

@@ -13,7 +13,7 @@ from genai_jax.data.images import ImageBatches, load_images
 from genai_jax.data.images import eval_batches as image_eval_batches
 from genai_jax.data.lm_batches import LMBatches, eval_batches
 from genai_jax.data.text import load_text
-from genai_jax.data.tokenizers import DataError, load_tokenizer, make_tokenizer
+from genai_jax.tokenization.tokenizers import DataError, load_tokenizer, make_tokenizer
 
 IMAGE_INFO_FILE = "data_info.json"  # the example shape and classes a saved image model expects
 

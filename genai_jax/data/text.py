@@ -20,7 +20,7 @@ import pathlib
 import numpy as np
 
 from genai_jax import paths
-from genai_jax.data.tokenizers import (
+from genai_jax.tokenization.tokenizers import (
     DOCUMENT_SEPARATOR,
     AnyTokenizer,
     DataError,

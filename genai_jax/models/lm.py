@@ -13,7 +13,6 @@ from flax import nnx
 
 from genai_jax import config_checks as config_lib
 from genai_jax.config_checks import ConfigError
-from genai_jax.data.tokenizers import parse_spec
 from genai_jax.evaluation.lm import lm_metrics
 from genai_jax.models.family import Family
 from genai_jax.models.transformer import (
@@ -27,6 +26,7 @@ from genai_jax.models.transformer import (
 from genai_jax.nn import IMPLEMENTATIONS, REMAT_POLICIES, Dense, LoRA, LoRAParam
 from genai_jax.optim import TrainState, learning_rate_schedule, make_optimizer, make_train_step
 from genai_jax.sampling.decode import generate
+from genai_jax.tokenization.tokenizers import parse_spec
 
 
 def config_defaults() -> dict:

@@ -30,8 +30,8 @@ import numpy as np
 import tokenizers
 from absl import logging
 
-from genai_jax.data.chat_templates import render_chat
-from genai_jax.errors import UserError
+from genai_jax.errors import DataError
+from genai_jax.tokenization.chat_templates import render_chat
 
 OWN_FILE = "genai_tokenizer.json"
 HF_FILE = "tokenizer.json"
@@ -52,10 +52,6 @@ SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_
                        "cls_token", "mask_token")
 _SPECS = ("'byte', 'char', 'gpt2', 'hf:DIR' (a Hugging Face tokenizer directory) or "
           f"'bpe:VOCAB_SIZE' (a byte-level BPE trained on the data, VOCAB_SIZE >= {MIN_BPE_VOCAB})")
-
-
-class DataError(UserError):
-    """A problem with the user's data or data config; its message names the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
