@@ -13,9 +13,8 @@ import uuid
 from typing import Any
 
 from genai_jax.errors import UserError
-from genai_jax.serving.engine import Settings, Update
+from genai_jax.serving.engine import MAX_CHOICES, Settings, Update
 
-MAX_N = 16
 MAX_STOP = 4
 MAX_COMPLETION_LOGPROBS = 5
 MAX_TOP_LOGPROBS = 20
@@ -93,7 +92,7 @@ def _settings(body: dict, max_tokens_default: int, logprobs: int | None) -> Sett
         temperature=float(_get(body, "temperature", (int, float), 1.0, low=0, high=2)),
         top_p=float(_get(body, "top_p", (int, float), 1.0, low=0, high=1)) or 1e-9,
         top_k=max(top_k, 0), seed=_get(body, "seed", int), stop=tuple(stop or ()),
-        n=_get(body, "n", int, 1, low=1, high=MAX_N), logprobs=logprobs,
+        n=_get(body, "n", int, 1, low=1, high=MAX_CHOICES), logprobs=logprobs,
         echo=_get(body, "echo", bool, False), ignore_eos=_get(body, "ignore_eos", bool, False))
 
 
