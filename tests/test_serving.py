@@ -288,6 +288,8 @@ def test_api_key_is_required(server):
 
 def test_metrics_count_requests_tokens_and_no_compilation_after_warm_up(server):
     tokens = server.metric("genai_generation_tokens_total")
+    assert server.post("/v1/completions", {"model": "tiny"},
+                       authorization="Bearer test-key")[0] == 400
     client = server.client()
     for prompt, n in (("a", 1), ("A much longer prompt than the others, to use a bucket", 2)):
         client.completions.create(model="tiny", prompt=prompt, max_tokens=5, n=n, logprobs=1,
