@@ -60,6 +60,15 @@ ELSEWHERE = {
                                   "imports a random Llama",
     "--workdir=W --hf_dir=DIR": "placeholders; the demonstration runs export_checkpoint, and "
                                 "test_hf_interop.py::test_import_sample_export_round_trip",
+    "python -m experiments.serve": "serves until stopped; test_serving.py::"
+                                   "test_greedy_completion_equals_sample starts it on an export "
+                                   "and speaks to it with the openai client",
+    "curl -s localhost:8000": "needs the server above; test_serving.py::"
+                              "test_bad_requests_get_openai_errors_and_the_server_keeps_serving "
+                              "posts such bodies over HTTP",
+    "python -m experiments.serve_bench": "starts a server; test_serve_bench.py::"
+                                         "test_throughput_counts_every_token runs it on a tiny "
+                                         "model",
 }
 
 # Appended to shrink a training run (later flags win): a few steps, one evaluation, one
@@ -118,7 +127,8 @@ def test_readme_commands_are_all_known():
                              ["python", "-m", "experiments.evaluate"],
                              ["python", "-m", "experiments.benchmark"],
                              ["python", "-m", "experiments.import_checkpoint"],
-                             ["python", "-m", "experiments.export_checkpoint"]) or words == [
+                             ["python", "-m", "experiments.export_checkpoint"],
+                             ["python", "-m", "experiments.export_compiled"]) or words == [
             "make", "train"], f"README command neither runnable here nor in ELSEWHERE: {command}"
 
 

@@ -86,9 +86,11 @@ def rebuild(abstract: nnx.State, flat: dict) -> nnx.State:
 
 def _export_lm(run, out: pathlib.Path, platforms: tuple[str, ...]) -> dict:
     tokenizer = run.pipeline.info["tokenizer"]
-    # The model without adapters: `export_params` folds a LoRA run's adapters in.
+    # The model without adapters (`export_params` folds a LoRA run's adapters in), with the
+    # portable XLA attention: "cudnn" and "pallas" lower for one platform only (and Pallas
+    # runs interpreted on a CPU).
     cfg = dataclasses.replace(model_config(run.config, tokenizer.vocab_size), lora=None,
-                              lora_targets=())
+                              lora_targets=(), attention="xla")
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     weights, abstract = _weights_and_state(run.family.export_params(run.state))
 

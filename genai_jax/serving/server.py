@@ -136,6 +136,9 @@ class Server:
                 return JSONResponse({"status": "draining"}, status_code=503)
             if not self.ready:
                 return JSONResponse({"status": "warming up"}, status_code=503)
+            if self.engine is not None and self.engine.error is not None:
+                return JSONResponse({"status": "failed", "error": repr(self.engine.error)},
+                                    status_code=503)
             return {"status": "ready", "model": self.name}
 
         @app.get("/metrics")
