@@ -13,6 +13,7 @@ import jax
 from absl import flags, logging
 from ml_collections import config_flags
 
+from experiments.cli import parse_flags  # noqa: F401 (re-exported: every entry point's)
 from genai_jax import config as config_lib
 from genai_jax import parallel
 from genai_jax.errors import UserError
@@ -133,23 +134,6 @@ def load_workdir_config(workdir: str):
         raise UserError(f"--workdir {workdir} has no config.json: train there first "
                         "(python -m experiments.train --config=... --workdir=...)")
     return config_lib.load(path)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with a bad flag, config file or `--config.KEY=VALUE` override (an
-    unknown key, a value of the wrong type) reported as one line and exit code 2."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        message = str(e)
-    except (AttributeError, KeyError) as e:
-        cause = e.args[0] if e.args else e
-        cause = cause.args[0] if isinstance(cause, Exception) and cause.args else cause
-        message = f"unknown config key {cause}".replace("\n", "; ")
-    except (TypeError, ValueError, OSError) as e:
-        message = str(e)
-    print(f"error: {' '.join(message.split())}", file=sys.stderr)
-    sys.exit(2)
 
 
 def config_from_flag(holder):

@@ -46,7 +46,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import serve_client as client
-from experiments.common import parse_flags, user_errors_as_one_line
+from experiments.cli import parse_flags
 from genai_jax.errors import UserError
 from genai_jax.tokenization import load_tokenizer
 
@@ -222,9 +222,16 @@ def _check_flags() -> str:
     return source
 
 
-@user_errors_as_one_line
 def main(argv):
     del argv
+    try:
+        _bench()
+    except UserError as e:  # one line, like every entry point (without experiments.common,
+        sys.stderr.write(f"error: {e}\n")  # which imports jax: the client stays light)
+        sys.exit(2)
+
+
+def _bench() -> None:
     source = _check_flags()
     tokenizer = load_tokenizer(pathlib.Path(source))
     if tokenizer is None:

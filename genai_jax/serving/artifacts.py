@@ -20,7 +20,6 @@ import pathlib
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import numpy as np
 import safetensors.numpy
 from jax import export as jax_export
@@ -82,12 +81,20 @@ def save_function(directory: pathlib.Path, name: str, exported: jax_export.Expor
 
 
 def _describe(tree, avals, skip_first: bool = False) -> list[str]:
-    """`shape dtype` strings of a function's arguments or results (symbolic sizes by name)."""
-    if skip_first:  # in_tree is ((weights, *args), {}): drop the weights' leaves
-        args_tree = tree.children()[0]
-        n_weights = args_tree.children()[0].num_leaves
-        avals = avals[n_weights:]
-    return [f"{a.dtype}{list(a.shape)}".replace("'", "") for a in avals]
+    """`dtype[shape]` of each argument or result (symbolic sizes by name); one made of N arrays
+    alike (the KV cache's layers) as `N x dtype[shape]`."""
+    parts = tree.children()
+    if len(parts) == 2 and not parts[1].num_leaves:  # in_tree: ((args...), {kwargs})
+        parts = parts[0].children()
+    if skip_first:  # the weights, listed once in the manifest
+        avals, parts = avals[parts[0].num_leaves:], parts[1:]
+    out, i = [], 0
+    for part in parts:
+        names = {f"{a.dtype}{list(a.shape)}".replace("'", "") for a in avals[i:i + part.num_leaves]}
+        name = names.pop() if len(names) == 1 else " | ".join(sorted(names))
+        out.append(name if part.num_leaves == 1 else f"{part.num_leaves} x {name}")
+        i += part.num_leaves
+    return out
 
 
 def load_function(directory: pathlib.Path, entry: Mapping) -> jax_export.Exported:
