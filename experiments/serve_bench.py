@@ -9,7 +9,8 @@ requests, print one JSON line of figures (the last line of stdout), stop it with
 
 Throughput (the default mode): every request is greedy, a prompt of exactly `--prompt_tokens`
 random token ids (seeded) sent as a list of ids, `max_tokens=--max_tokens` with `ignore_eos`
-(so every request generates that many), streamed so that the time to the first token is seen.
+(so every request generates that many), streamed so that the time to the first token is seen
+(`--nostream` measures the same requests answered in one piece: what streaming costs).
 After one untimed warm-up round, each of `--rounds` rounds sends the same
 `--clients` x `--requests_per_client` requests twice: from one client, one after another, then
 from `--clients` concurrent clients (threads), each sending its share in turn. `tokens_per_s` is
@@ -57,7 +58,10 @@ _PROMPT = flags.DEFINE_integer("prompt_tokens", 16, "prompt length in tokens (ra
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 40, "tokens generated per request")
 _PER_CLIENT = flags.DEFINE_integer("requests_per_client", 1, "requests each concurrent client "
                                    "sends per round, one after another")
-_ROUNDS = flags.DEFINE_integer("rounds", 3, "timed rounds (each: one client, then all)")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "timed rounds (each: one client, then all)")
+_STREAM = flags.DEFINE_bool("stream", True, "stream the answers (server-sent events, one per "
+                            "token); --nostream: one JSON answer each, time to first token = "
+                            "latency")
 _SEED = flags.DEFINE_integer("seed", 0, "seed of the random prompts")
 _SLOTS = flags.DEFINE_integer("slots", None, "the server's --slots (default: --clients, so that "
                               "every client's request can decode in the same batch)")
@@ -126,7 +130,7 @@ def throughput(server: client.Server, vocab_size: int, model: str | None) -> dic
     rng = np.random.default_rng(_SEED.value)
     n, m = _CLIENTS.value * _PER_CLIENT.value, _MAX_TOKENS.value
     bodies = [client.benchmark_request(rng.integers(0, vocab_size, _PROMPT.value).tolist(), m,
-                                       model) for _ in range(n)]
+                                       model, stream=_STREAM.value) for _ in range(n)]
 
     def send(body):
         return client.complete(server.port, body)
@@ -151,7 +155,8 @@ def throughput(server: client.Server, vocab_size: int, model: str | None) -> dic
         batching_speedup=tokens_per_s / single_tokens_per_s,
         tokens_per_s_rounds=[t for t, _ in many], single_client_tokens_per_s_rounds=single,
         generated_tokens=sum(r.tokens for r in concurrent), requests=len(concurrent),
-        requests_per_round=n, rounds=_ROUNDS.value, requests_per_client=_PER_CLIENT.value)
+        requests_per_round=n, rounds=_ROUNDS.value, requests_per_client=_PER_CLIENT.value,
+        stream=_STREAM.value)
 
 
 def load(server: client.Server, vocab_size: int, model: str | None) -> dict:

@@ -161,10 +161,12 @@ def complete(port: int, body: bytes | dict, timeout: float = 600) -> Reply:
         conn.close()
 
 
-def benchmark_request(prompt: list[int], max_tokens: int, model: str | None) -> dict:
-    """A greedy, streamed request that runs to `max_tokens` whatever the model says."""
-    body = dict(prompt=prompt, max_tokens=max_tokens, temperature=0.0, stream=True,
-                stream_options={"include_usage": True}, ignore_eos=True)
+def benchmark_request(prompt: list[int], max_tokens: int, model: str | None,
+                      stream: bool = True) -> dict:
+    """A greedy request that runs to `max_tokens` whatever the model says."""
+    body = dict(prompt=prompt, max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    if stream:
+        body.update(stream=True, stream_options={"include_usage": True})
     return body if model is None else dict(body, model=model)
 
 
@@ -209,9 +211,7 @@ def load_requests(n: int, malformed_fraction: float, prompt_tokens: int, max_tok
     for i in range(n):
         length = int(rng.integers(1, prompt_tokens + 1))
         body = benchmark_request(rng.integers(0, vocab_size, length).tolist(),
-                                 int(rng.integers(1, max_tokens + 1)), model)
-        if i % 2:  # not streamed
-            body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+                                 int(rng.integers(1, max_tokens + 1)), model, stream=i % 2 == 0)
         if i % 3 == 0:
             body.update(temperature=0.8, top_k=20, seed=i)
         if i in bad:
