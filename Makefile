@@ -58,10 +58,11 @@ bench-finetune: install
 			--rounds=5 --steps=20 || exit 1; \
 	done
 
-# Serving throughput over HTTP against Hugging Face transformers `generate` on the same weights: a
-# GPT-2 of 6 layers, width 384 (experiments/configs/gpt2_serve.py), trained here once (~7 min on 2
-# cores) and exported once; then the load test (1,000 requests from 32 clients, a tenth malformed)
-# on the lm_char-sized tiny shakespeare model (trained once, ~2 min).
+# Serving over HTTP (experiments.serve_bench): against Hugging Face transformers `generate` on the
+# same weights, a GPT-2 of 6 layers, width 384 (experiments/configs/gpt2_serve.py) trained here
+# once (~7 min on 2 cores) and exported once; then, on lm_char.py's tiny shakespeare model (trained
+# once, ~2 min), 16 clients against one, and the load test (1,000 requests from 32 clients, a
+# tenth malformed).
 SERVE_RUN ?= runs/serve_gpt2
 SERVE_CHAR_RUN ?= runs/shakespeare_char
 SERVE_TEXT ?= ../shared/data/tinyshakespeare.txt

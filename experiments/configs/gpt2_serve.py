@@ -16,8 +16,11 @@ batch 8 x 256, 300 steps.
     python -m experiments.serve_bench --workdir=runs/serve_gpt2 --clients=16 --prompt_tokens=32 \\
         --max_tokens=64 --peer=../shared/bench/hf_generate_ref.py --hf_dir=runs/serve_gpt2_hf
 
-(`make bench-serve` runs all three.) Expect on 2 CPU cores: ~5 minutes of training to a
-validation loss near 4.6 nats per BPE token; the benchmark's figures are in the README.
+(`make bench-serve` runs all three.) Measured on 2 cores of an AMD EPYC (Zen 4): 1.44 s per
+step alone (~7 minutes; 12 when the machine was shared), validation loss 4.71 nats per token at
+step 300 (20 batches). Serving 16 concurrent streamed clients, two runs: 727 and 644 tokens/s,
+against `transformers` `generate`'s 112 and 97 one request at a time (6.5x, 6.6x) and 647 and
+726 for all 16 in one padded batch (1.12x, 0.89x); see the README.
 """
 
 from genai_jax.config import base_config
