@@ -14,6 +14,9 @@
   - "ring8", "moons", "swiss_roll": generated 2-D toy distributions (`genai_jax.data.toys`).
   - any other name: a TFDS catalog image data set (mnist, fashion_mnist, cifar10, celeb_a, ...)
     read with `tfds.data_source`, features `data.image_key` and `data.label_key`.
+
+A loader returns `(train, validation, label_names)`: the classes' names by index (the digits'
+"0".."9", the class folders, the TFDS `ClassLabel` names), empty for unlabelled data.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from genai_jax import paths
 from genai_jax.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+DIGIT_NAMES = tuple(str(i) for i in range(10))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +96,7 @@ class Digits(tfds.core.GeneratorBasedBuilder):
             yield int(i), {"image": images[i], "label": int(labels[i])}
 
 
-def digits(data_cfg) -> tuple[ArraySource, ArraySource, int]:
+def digits(data_cfg) -> tuple[ArraySource, ArraySource, tuple[str, ...]]:
     builder = Digits(data_dir=paths.embedded_data_dir(data_cfg), file_format="array_record")
     if not builder.is_prepared():
         builder.download_and_prepare()
@@ -100,7 +104,7 @@ def digits(data_cfg) -> tuple[ArraySource, ArraySource, int]:
     for split in ("train", "test"):
         source = TfdsSource(builder.as_data_source(split=split), "image", "label")
         splits.append(ArraySource(**source.get(np.arange(len(source)))))
-    return splits[0], splits[1], 10
+    return splits[0], splits[1], DIGIT_NAMES
 
 
 def _data_dir(data_cfg) -> str | None:
@@ -120,7 +124,7 @@ def read_idx(path: pathlib.Path) -> np.ndarray:
     return data.reshape(shape)
 
 
-def mnist_idx(data_cfg) -> tuple[ArraySource, ArraySource, int]:
+def mnist_idx(data_cfg) -> tuple[ArraySource, ArraySource, tuple[str, ...]]:
     folder = _folder(data_cfg, "mnist_idx")
     pairs = {}
     for images in sorted(folder.glob("*-images-idx3-ubyte*")):
@@ -136,17 +140,17 @@ def mnist_idx(data_cfg) -> tuple[ArraySource, ArraySource, int]:
     if not pairs:
         raise DataError(f"data.path {str(folder)!r} holds no *-images-idx3-ubyte[.gz] files")
     if "train" in pairs and "t10k" in pairs:
-        return pairs["train"], pairs["t10k"], 10
+        return pairs["train"], pairs["t10k"], DIGIT_NAMES
     if len(pairs) > 1:
         raise DataError(f"data.path {str(folder)!r} holds IDX files {sorted(pairs)}: expected "
                         "train-* and t10k-*, or one pair to split")
     (whole,) = pairs.values()
     n = int(round(len(whole) * (1 - data_cfg.validation_fraction)))
     return (ArraySource(whole.x[:n], whole.label[:n]), ArraySource(whole.x[n:], whole.label[n:]),
-            10)
+            DIGIT_NAMES)
 
 
-def image_folder(data_cfg) -> tuple[ArraySource, ArraySource, int]:
+def image_folder(data_cfg) -> tuple[ArraySource, ArraySource, tuple[str, ...]]:
     from PIL import Image
 
     folder = _folder(data_cfg, "image_folder")
@@ -173,7 +177,7 @@ def image_folder(data_cfg) -> tuple[ArraySource, ArraySource, int]:
         raise DataError(f"data.path {str(folder)!r} has too few images ({len(files)}) to hold "
                         f"out data.validation_fraction={data_cfg.validation_fraction}")
     return (ArraySource(x[~held_out], label[~held_out]),
-            ArraySource(x[held_out], label[held_out]), len(classes))
+            ArraySource(x[held_out], label[held_out]), tuple(classes))
 
 
 def _bucket(name: str) -> float:
@@ -190,7 +194,7 @@ def _folder(data_cfg, name: str) -> pathlib.Path:
     return folder
 
 
-def tfds_catalog(data_cfg) -> tuple[TfdsSource, TfdsSource, int]:
+def tfds_catalog(data_cfg) -> tuple[TfdsSource, TfdsSource, tuple[str, ...]]:
     name, data_dir = data_cfg.name, _data_dir(data_cfg)
     try:
         builder = tfds.builder(name, data_dir=data_dir)
@@ -203,7 +207,7 @@ def tfds_catalog(data_cfg) -> tuple[TfdsSource, TfdsSource, int]:
         raise DataError(f"data set {name!r} has no feature {data_cfg.image_key!r}; it has "
                         f"{sorted(features)} (set data.image_key)")
     label_key = data_cfg.label_key if data_cfg.label_key in features else None
-    num_classes = features[label_key].num_classes if label_key else 0
+    names = tuple(features[label_key].names) if label_key else ()
     splits = []
     for split in (data_cfg.train_split, data_cfg.eval_split):
         known = builder.info.splits
@@ -219,4 +223,4 @@ def tfds_catalog(data_cfg) -> tuple[TfdsSource, TfdsSource, int]:
         if len(source) == 0:
             raise DataError(f"the {split} split of data set {name!r} is empty")
         splits.append(TfdsSource(source, data_cfg.image_key, label_key))
-    return splits[0], splits[1], num_classes
+    return splits[0], splits[1], names

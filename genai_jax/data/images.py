@@ -30,11 +30,12 @@ class ImageData:
     num_classes: int  # 0: unlabelled
     name: str  # data.name
     description: str  # e.g. "data set 'mnist_idx' at ../shared/data/mnist", for messages
+    label_names: tuple[str, ...] | None = None  # the classes' names by index, where known
 
     @property
     def info(self) -> dict:
         return {"kind": self.kind, "shape": self.shape, "num_classes": self.num_classes,
-                "data": self}
+                "label_names": self.label_names, "data": self}
 
 
 def load_images(data_cfg, seed: int = 0) -> ImageData:
@@ -49,14 +50,14 @@ def load_images(data_cfg, seed: int = 0) -> ImageData:
         return ImageData(train, validation, "points", (2,), num_classes, name, f"toy {name!r}")
     loader = {"digits": image_sources.digits, "mnist_idx": image_sources.mnist_idx,
               "image_folder": image_sources.image_folder}.get(name, image_sources.tfds_catalog)
-    train, validation, num_classes = loader(data_cfg)
+    train, validation, names = loader(data_cfg)
     first = train.get(np.arange(1))["x"]
     if first.ndim != 4:
         raise DataError(f"data set {name!r} holds arrays of shape {first.shape[1:]}, not "
                         "images [height, width, channels]")
     where = f"data set {name!r}" + (f" at {data_cfg.path}" if data_cfg.path else "")
-    return ImageData(train, validation, "image", tuple(first.shape[1:]), num_classes, name,
-                     where)
+    return ImageData(train, validation, "image", tuple(first.shape[1:]), len(names), name,
+                     where, names or None)
 
 
 @dataclasses.dataclass(frozen=True)

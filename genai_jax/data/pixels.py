@@ -21,10 +21,11 @@ def to_model(x: jax.Array) -> jax.Array:
     return x.astype(jnp.float32)
 
 
-def to_uint8(x) -> np.ndarray:
-    """Images in [-1, 1] back to uint8 pixels."""
-    return np.asarray(np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255),
-                      np.uint8)
+def to_uint8(x, xp=np) -> np.ndarray:
+    """Images in [-1, 1] back to uint8 pixels; `xp=jnp` traces the same rule into a compiled
+    function (the exported samplers, `genai_jax.serving.export_images`)."""
+    return xp.asarray(xp.clip(xp.round((xp.asarray(x, xp.float32) + 1.0) * 127.5), 0, 255),
+                      xp.uint8)
 
 
 def binarize(x: jax.Array, rng: jax.Array | None = None) -> jax.Array:

@@ -135,9 +135,7 @@ def build(config, data_info: dict) -> Family:
         params = nnx.state(make_denoiser(cfg, nnx.Rngs(params=params_rng)), nnx.Param)
         return TrainState.create(params, tx, state_rng, config.train.ema_decay)
 
-    def denoiser(params):
-        model = nnx.merge(graphdef, params)
-        return lambda x, t, labels: model(x, t, labels if conditional else None)
+    denoiser = functools.partial(make_denoiser_fn, graphdef, conditional)
 
     def losses(params, batch, t, noise, labels) -> jax.Array:
         """Per-row mean squared error `[n]` at timesteps t with the given noise and labels."""
@@ -178,20 +176,45 @@ def build(config, data_info: dict) -> Family:
                           guidance=s.guidance, guidance_max_t=s.guidance_max_t,
                           clip_x0=s.clip_x0 and kind == "image", prediction=m.prediction,
                           kernels=m.kernels)
+    sample_fn = functools.partial(generate, graphdef, schedule, shape, conditional,
+                                  sampler_kwargs)
+    return images.make_family(
+        config, data_info, init=init,
+        train_step=make_train_step(loss_fn, tx, accum_steps=config.train.grad_accum_steps,
+                                   ema_decay=config.train.ema_decay,
+                                   schedule=learning_rate_schedule(config.train)),
+        eval_step=eval_step, generate=sample_fn, extras=_extras(config, data_info, sample_fn))
 
-    def generate(state: TrainState, rng: jax.Array, labels: jax.Array, trajectory=False):
-        params = state.eval_params
-        return diff.sample(denoiser(params), schedule, (labels.shape[0], *shape), rng,
-                           labels=labels if conditional else None, trajectory=trajectory,
-                           **sampler_kwargs)
 
-    trajectory_jit = jax.jit(functools.partial(generate, trajectory=True))
+def make_denoiser_fn(graphdef, conditional: bool, params):
+    """`(x_t, t, labels) -> output` of the network with `params` (labels dropped when the
+    model is unconditional)."""
+    model = nnx.merge(graphdef, params)
+    return lambda x, t, labels: model(x, t, labels if conditional else None)
 
-    def extras(state, rng, directory: pathlib.Path, step: int) -> dict[str, str]:
-        if kind != "image":
+
+def generate(graphdef, schedule, shape: tuple[int, ...], conditional: bool,
+             sampler_kwargs: dict, params, rng: jax.Array, labels: jax.Array,
+             trajectory: bool = False):
+    """`len(labels)` samples `[n, *shape]` in model range from the denoiser with `params` (the
+    eval params), by `diff.sample` with `sampler_kwargs` (sampler, steps, guidance, ...); with
+    `trajectory`, also the predicted x0 after every step."""
+    return diff.sample(make_denoiser_fn(graphdef, conditional, params), schedule,
+                       (labels.shape[0], *shape), rng, labels=labels if conditional else None,
+                       trajectory=trajectory, **sampler_kwargs)
+
+
+def _extras(config, data_info: dict, sample_fn):
+    """`extras(params, rng, directory, step)`: a strip of the predicted x0 of a few samples at
+    `sample.trajectory_steps` sampler steps (images only)."""
+    s, shape = config.sample, tuple(data_info["shape"])
+    trajectory_jit = jax.jit(functools.partial(sample_fn, trajectory=True))
+
+    def extras(params, rng, directory: pathlib.Path, step: int) -> dict[str, str]:
+        if data_info["kind"] != "image":
             return {}
-        labels = images.default_labels(s.trajectory_samples, num_classes)
-        _, path = trajectory_jit(state, jax.random.fold_in(rng, 1), jnp.asarray(labels))
+        labels = images.default_labels(s.trajectory_samples, data_info["num_classes"])
+        _, path = trajectory_jit(params, jax.random.fold_in(rng, 1), jnp.asarray(labels))
         columns = np.unique(np.round(np.linspace(0, path.shape[0] - 1, s.trajectory_steps))
                             .astype(int))
         strip = parallel.fetch(path)[columns].swapaxes(0, 1)  # [samples, columns, H, W, C]
@@ -199,10 +222,5 @@ def build(config, data_info: dict) -> Family:
         return {"trajectory": images.save_png(picture,
                                               directory / f"trajectory_{step:08d}.png")}
 
-    return images.make_family(
-        config, data_info, init=init,
-        train_step=make_train_step(loss_fn, tx, accum_steps=config.train.grad_accum_steps,
-                                   ema_decay=config.train.ema_decay,
-                                   schedule=learning_rate_schedule(config.train)),
-        eval_step=eval_step, generate=generate, extras=extras)
+    return extras
 

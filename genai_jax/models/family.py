@@ -37,7 +37,11 @@ class Family:
     init_from_params: optional `(params, rng) -> state`: a fresh training state around given
       parameters (a run restored from a parameters-only checkpoint, e.g. an imported one).
     export_params: `state -> params` of the model evaluated with, in the layout of a model
-      without adapters (what `init_from` starts from and export writes).
+      without adapters (what `init_from` starts from and export writes): a parameter pytree
+      (`nnx.State`), no optimizer state.
+    generate: optional `(params, rng, labels int32 [n]) -> x` over `export_params(state)`: the
+      image families' sampler (`x` in model range, `[n, H, W, C]` or `[n, dim]`), which `sample`
+      calls and `genai_jax.serving.export_images` exports; None for the language model.
     tokens_per_example: how many `throughput_unit`s one batch row counts for (tokens per
       window for the LM, 1 for images), for `train/{throughput_unit}_per_s`.
     """
@@ -51,5 +55,6 @@ class Family:
     sample_eval: Callable[[State, jax.Array, str, int], dict[str, float]] | None = None
     init_from_params: Callable[[Any, jax.Array], State] | None = None
     export_params: Callable[[State], Any] = lambda state: state.eval_params
+    generate: Callable[[Any, jax.Array, jax.Array], jax.Array] | None = None
     tokens_per_example: int = 1
     throughput_unit: str = "tokens"

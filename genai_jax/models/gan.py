@@ -27,6 +27,7 @@ discriminator.
 
 from __future__ import annotations
 
+import functools
 import pathlib
 from typing import Any
 
@@ -232,31 +233,41 @@ def build(config, data_info: dict) -> Family:
         return {"loss": d_loss + g_loss, "d_loss": d_loss, "g_loss": g_loss,
                 "d_real": jnp.mean(real_logits), "d_fake": jnp.mean(fake_logits)}
 
-    def generate(state: GANState, rng: jax.Array, labels: jax.Array) -> jax.Array:
-        """`len(labels)` samples of the EMA generator (if kept) in model range."""
-        params = state.g_eval_params
-        z = jax.random.normal(rng, (labels.shape[0], cfg.z_dim))
-        return generator(params, z, labels)
+    extras = _extras(data_info, functools.partial(interpolate, g_graph, cfg))
+    return images.make_family(config, data_info, init=init, train_step=train_step,
+                              eval_step=eval_step,
+                              generate=functools.partial(generate, g_graph, cfg.z_dim),
+                              export_params=lambda state: state.g_eval_params, extras=extras)
 
+
+def generate(g_graph, z_dim: int, params, rng: jax.Array, labels: jax.Array) -> jax.Array:
+    """`len(labels)` samples of G with `params` (`GANState.g_eval_params`: the EMA when kept)
+    in model range, from latents z ~ N(0, I) `[n, z_dim]` drawn from `rng`."""
+    z = jax.random.normal(rng, (labels.shape[0], z_dim))
+    return nnx.merge(g_graph, params)(z, labels)
+
+
+def interpolate(g_graph, cfg: NetConfig, params, rng: jax.Array, rows: int,
+                cols: int) -> jax.Array:
+    """`[rows * cols, ...]`: each row walks linearly between two latents (row i of class i
+    when conditional): a smooth walk shows that G did not memorise single images."""
+    ends = jax.random.normal(rng, (2, rows, 1, cfg.z_dim))
+    t = jnp.linspace(0.0, 1.0, cols)[None, :, None]
+    z = ((1.0 - t) * ends[0] + t * ends[1]).reshape(rows * cols, cfg.z_dim)
+    labels = jnp.repeat(jnp.arange(rows) % max(cfg.num_classes, 1), cols)
+    return nnx.merge(g_graph, params)(z, labels)
+
+
+def _extras(data_info: dict, interpolate_fn):
+    """`extras(params, rng, directory, step)`: the interpolation grid (images only)."""
     rows, cols = data_info["num_classes"] or 10, 8
+    interpolate_jit = jax.jit(functools.partial(interpolate_fn, rows=rows, cols=cols))
 
-    @jax.jit
-    def interpolate(state: GANState, rng: jax.Array) -> jax.Array:
-        """`[rows * cols, ...]`: each row walks linearly between two latents (row i of class i
-        when conditional): a smooth walk shows that G did not memorise single images."""
-        params = state.g_eval_params
-        ends = jax.random.normal(rng, (2, rows, 1, cfg.z_dim))
-        t = jnp.linspace(0.0, 1.0, cols)[None, :, None]
-        z = ((1.0 - t) * ends[0] + t * ends[1]).reshape(rows * cols, cfg.z_dim)
-        labels = jnp.repeat(jnp.arange(rows) % max(cfg.num_classes, 1), cols)
-        return generator(params, z, labels)
-
-    def extras(state, rng, directory: pathlib.Path, step: int) -> dict[str, str]:
+    def extras(params, rng, directory: pathlib.Path, step: int) -> dict[str, str]:
         if data_info["kind"] != "image":
             return {}
-        x = parallel.fetch(interpolate(state, rng))
+        x = parallel.fetch(interpolate_jit(params, rng))
         path = directory / f"interpolation_{step:08d}.png"
         return {"interpolation": images.save_png(images.grid(images.to_uint8(x), cols), path)}
 
-    return images.make_family(config, data_info, init=init, train_step=train_step,
-                              eval_step=eval_step, generate=generate, extras=extras)
+    return extras

@@ -4,7 +4,8 @@
 Data contract (`genai_jax.data.images`): a batch is `{"x": ..., "label": int32 [batch]}` where
 `x` is `uint8 [batch, height, width, channels]` for images and `float32 [batch, dim]` for the
 2-D toy distributions; `data_info` has `kind` ("image" | "points"), `shape` (of one example),
-`num_classes` (0 when the data has no labels) and `data` (the `ImageData`, for evaluation).
+`num_classes` (0 when the data has no labels), `label_names` (the classes' names by index, or
+None) and `data` (the `ImageData`, for evaluation).
 
 Pixel scaling (`to_model`, `to_uint8`, `binarize`) is `genai_jax.data.pixels`'s, re-exported here
 so that a family reads `images.to_model(x)`.
@@ -26,9 +27,9 @@ from genai_jax.data.pixels import binarize, to_model, to_uint8  # noqa: F401 (re
 from genai_jax.evaluation.images import SampleEvaluator
 from genai_jax.models.family import Family
 
-# (state, rng, labels int32 [n]) -> generated x in model range: [n, H, W, C] or [n, dim]
+# (params, rng, labels int32 [n]) -> generated x in model range: [n, H, W, C] or [n, dim]
 Generate = Callable[[object, jax.Array, jax.Array], jax.Array]
-# (state, rng, directory, step) -> {name: path} of extra pictures it wrote
+# (params, rng, directory, step) -> {name: path} of extra pictures it wrote
 Extras = Callable[[object, jax.Array, pathlib.Path, int], dict[str, str]]
 
 
@@ -91,14 +92,17 @@ def default_labels(n: int, num_classes: int) -> np.ndarray:
 
 
 def make_family(config, data_info: dict, *, init, train_step, eval_step, generate: Generate,
-                summarize_eval=None, extras: Extras | None = None) -> Family:
+                export_params=lambda state: state.eval_params, summarize_eval=None,
+                extras: Extras | None = None) -> Family:
     """The `Family` of an image model from its pure parts.
 
-    `generate(state, rng, labels)` makes `len(labels)` samples in model range (jit-compiled here,
-    once per sample count); `sample` cycles given labels to `num_samples` when both are given.
-    Sampling, the PNG files and the sample-based evaluation metrics
+    `generate(params, rng, labels)` makes `len(labels)` samples in model range from
+    `params = export_params(state)` (jit-compiled here, once per sample count; the same function
+    `genai_jax.serving.export_images` exports); `sample` cycles given labels to `num_samples`
+    when both are given. Sampling, the PNG files and the sample-based evaluation metrics
     (`genai_jax.evaluation.images`) are the same for every image family and live here.
-    `extras` writes family-specific pictures at every evaluation and by `experiments.sample`.
+    `extras(params, ...)` writes family-specific pictures at every evaluation and by
+    `experiments.sample`.
     """
     kind, num_classes = data_info["kind"], data_info["num_classes"]
     generate_jit = jax.jit(generate)
@@ -112,15 +116,16 @@ def make_family(config, data_info: dict, *, init, train_step, eval_step, generat
         elif num_samples:  # the given classes, cycled to `num_samples` images
             labels = np.resize(np.asarray(labels), num_samples)
         labels = np.asarray(labels, np.int32)
-        return {"x": parallel.fetch(generate_jit(state, rng, jnp.asarray(labels))),
-                "label": labels, "state": state, "rng": rng}
+        params = export_params(state)
+        return {"x": parallel.fetch(generate_jit(params, rng, jnp.asarray(labels))),
+                "label": labels, "params": params, "rng": rng}
 
     def save_samples(outputs: dict, directory: str, step: int) -> str:
         directory = pathlib.Path(directory)
         paths = {"samples": save_png(picture(outputs["x"], kind, nrow),
                                      directory / f"step_{step:08d}.png")}
         if extras is not None:
-            paths.update(extras(outputs["state"], outputs["rng"], directory, step))
+            paths.update(extras(outputs["params"], outputs["rng"], directory, step))
         return "\n".join(f"{name}: {path}" for name, path in paths.items())
 
     evaluator = functools.cache(lambda: SampleEvaluator(data_info, seed=config.seed))
@@ -133,4 +138,5 @@ def make_family(config, data_info: dict, *, init, train_step, eval_step, generat
     return Family(init=init, train_step=train_step, eval_step=eval_step, sample=sample,
                   save_samples=save_samples, summarize_eval=summarize_eval or (lambda m: m),
                   sample_eval=sample_eval if config.eval.num_samples else None,
+                  export_params=export_params, generate=generate,
                   tokens_per_example=1, throughput_unit="examples")

@@ -30,6 +30,7 @@ each example gets fresh draws, the same at every evaluation and with any batch s
 
 from __future__ import annotations
 
+import functools
 import math
 import pathlib
 
@@ -332,28 +333,34 @@ def build(config, data_info: dict) -> Family:
                 "bits_per_dim": jnp.mean(nll) / (vae.num_dims * math.log(2)),
                 "kl": jnp.mean(kl), "reconstruction": -jnp.mean(log_px)}
 
-    def generate(state: TrainState, rng: jax.Array, labels: jax.Array) -> jax.Array:
-        z_rng, x_rng = jax.random.split(rng)
-        z = jax.random.normal(z_rng, (labels.shape[0], config.model.latent_dim))
-        loc, log_scale = vae.decode(state.eval_params, z, labels if conditional else None)
-        if config.sample.mean and vae.kind == "image":
-            return vae.mean(loc)
-        return vae.draw(x_rng, loc, log_scale)
-
+    sample_fn = functools.partial(generate, vae, conditional=conditional,
+                                  mean=config.sample.mean)
     return images.make_family(
         config, data_info, init=init,
         train_step=make_train_step(loss_fn, tx, accum_steps=config.train.grad_accum_steps,
                                    ema_decay=config.train.ema_decay,
                                    schedule=learning_rate_schedule(config.train)),
-        eval_step=eval_step, generate=generate,
-        extras=_extras(config, data_info, vae, generate))
+        eval_step=eval_step, generate=sample_fn,
+        extras=_extras(config, data_info, vae, sample_fn))
+
+
+def generate(vae: VAE, params, rng: jax.Array, labels: jax.Array, *, conditional: bool,
+             mean: bool) -> jax.Array:
+    """`len(labels)` samples in model range: z ~ N(0, I) decoded with `params` (eval params),
+    shown as the decoder's mean (`mean`, images only) or drawn from p(x|z)."""
+    z_rng, x_rng = jax.random.split(rng)
+    z = jax.random.normal(z_rng, (labels.shape[0], vae.net_cfg.latent_dim))
+    loc, log_scale = vae.decode(params, z, labels if conditional else None)
+    if mean and vae.kind == "image":
+        return vae.mean(loc)
+    return vae.draw(x_rng, loc, log_scale)
 
 
 # ----------------------------------------------------------------------------- pictures
 
 
 def _extras(config, data_info: dict, vae: VAE, generate):
-    """`extras(state, rng, directory, step) -> {name: path}`: reconstructions, latent
+    """`extras(params, rng, directory, step) -> {name: path}`: reconstructions, latent
     traversals and interpolations of held-out images as PNG grids (images only).
 
     Held-out images are the first of `data_info["data"].validation`; without data (None or
@@ -366,7 +373,7 @@ def _extras(config, data_info: dict, vae: VAE, generate):
     decode_mean = jax.jit(lambda params, z, y: vae.mean(vae.decode(params, z, y)[0]))
     n_recon, n_stats = 20, 500  # images in the reconstruction grid; for ranking latent dims
 
-    def held_out(state, rng, n: int) -> tuple[np.ndarray, np.ndarray]:
+    def held_out(params, rng, n: int) -> tuple[np.ndarray, np.ndarray]:
         source = getattr(data_info.get("data"), "validation", None)
         if hasattr(source, "x"):  # in memory (`image_sources.ArraySource`)
             return np.asarray(source.x[:n]), np.asarray(source.label[:n], np.int32)
@@ -374,11 +381,11 @@ def _extras(config, data_info: dict, vae: VAE, generate):
             rows = source.get(np.arange(min(n, len(source))))
             return np.asarray(rows["x"]), np.asarray(rows["label"], np.int32)
         labels = images.default_labels(n, data_info["num_classes"])
-        return images.to_uint8(parallel.fetch(generate(state, rng, jnp.asarray(labels)))), labels
+        return images.to_uint8(parallel.fetch(generate(params, rng, jnp.asarray(labels)))), labels
 
-    def extras(state, rng: jax.Array, directory: pathlib.Path, step: int) -> dict[str, str]:
-        directory, params = pathlib.Path(directory), state.eval_params
-        x_uint8, labels = held_out(state, rng, max(n_stats, n_recon, 2 * s.interpolation_pairs))
+    def extras(params, rng: jax.Array, directory: pathlib.Path, step: int) -> dict[str, str]:
+        directory = pathlib.Path(directory)
+        x_uint8, labels = held_out(params, rng, max(n_stats, n_recon, 2 * s.interpolation_pairs))
         x = vae.inputs(jnp.asarray(x_uint8))
         y = jnp.asarray(labels) if conditional else None
         mean, log_std = encode(params, x, y)

@@ -73,7 +73,8 @@ def dot_product_attention(
 
 
 def _xla_attention(q, k, v, *, causal, mask):
-    """Two batched matmuls and a float32 softmax (`_attend`) per block of queries.
+    """Two batched matmuls and a float32 softmax (`_attend`) per block of queries; one query
+    per row (a decode step) reads the cache as it lies (`_attend_one`).
 
     Layout inside: queries `[blocks, b, kv_heads, rows, d]`, the `group` query heads that share
     a kv head folded into the rows (`rows = block_len x group`), so that K/V are never repeated
@@ -81,6 +82,8 @@ def _xla_attention(q, k, v, *, causal, mask):
     The 1/sqrt(head_dim) scale is applied to q, not to the logits.
     """
     g = q.shape[2] // k.shape[2]
+    if q.shape[1] == 1 and not causal:
+        return _attend_one(q, k, v, mask, g)
     n = _num_query_blocks(q.shape[1], k.shape[1], causal)
     qb = rearrange(q * q.shape[-1] ** -0.5, "b (n s) (h g) d -> n b h (s g) d", n=n, g=g)
     kh, vh = (rearrange(x, "b k h d -> b h k d") for x in (k, v))
@@ -88,6 +91,20 @@ def _xla_attention(q, k, v, *, causal, mask):
         mask = rearrange(jnp.repeat(mask, g, axis=2), "b o (n r) k -> n b o r k", n=n)
     out = _attend(qb, kh, vh, mask, causal, g)
     return rearrange(out, "n b h (s g) d -> b (n s) (h g) d", g=g).astype(q.dtype)
+
+
+def _attend_one(q, k, v, mask, group):
+    """Attention of one query per row `q [b, 1, heads, d]` to `k, v [b, keys, kv_heads, d]`
+    (a KV cache) as products and sums over the cache in its own layout: a matmul would first
+    copy the whole cache into `[b, kv_heads, keys, d]`, which took most of a CPU decode step."""
+    qg = rearrange(q * q.shape[-1] ** -0.5, "b o (h g) d -> b o h g d", g=group)
+    logits = jnp.sum(qg.astype(jnp.float32) * k[:, :, :, None, :].astype(jnp.float32), -1)
+    if mask is not None:  # [b, 1, 1, keys]
+        logits = jnp.where(rearrange(mask, "b o q k -> b (o q k)")[:, :, None, None], logits,
+                           jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(logits, axis=1)  # [b, keys, kv_heads, group]
+    out = jnp.sum(p[..., None] * v[:, :, :, None, :].astype(jnp.float32), axis=1)
+    return rearrange(out, "b h g d -> b 1 (h g) d").astype(q.dtype)
 
 
 # Causal attention runs in up to MAX_QUERY_BLOCKS query blocks of at least MIN_QUERY_BLOCK rows:

@@ -83,7 +83,7 @@ def save_function(directory: pathlib.Path, name: str, exported: jax_export.Expor
 def _describe(tree, avals, skip_first: bool = False) -> list[str]:
     """`dtype[shape]` of each argument or result (symbolic sizes by name); one made of N arrays
     alike (the KV cache's layers) as `N x dtype[shape]`."""
-    parts = tree.children()
+    parts = tree.children() or [tree]  # a single array has no children
     if len(parts) == 2 and not parts[1].num_leaves:  # in_tree: ((args...), {kwargs})
         parts = parts[0].children()
     if skip_first:  # the weights, listed once in the manifest

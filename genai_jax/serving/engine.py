@@ -35,6 +35,7 @@ from genai_jax.serving.lm import TOP_LOGPROBS, LanguageModel
 from genai_jax.serving.metrics import Metrics
 
 MIN_BUCKET = 16
+MAX_CHOICES = 16  # a request's n
 
 
 class QueueFull(Exception):
@@ -91,6 +92,13 @@ class _Sequence:
     slot: int = -1
 
 
+@jax.jit
+def _choice_keys(seed: jax.Array) -> jax.Array:
+    """The random streams `uint32[MAX_CHOICES, 2]` of the choices of a request seeded `seed`."""
+    return jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(
+        jnp.arange(MAX_CHOICES))
+
+
 def bucket(length: int, block_size: int) -> int:
     """The padded prompt length a prompt of `length` tokens is prefilled at."""
     size = MIN_BUCKET
@@ -124,7 +132,7 @@ class Engine:
         self._top_p = np.ones(slots, np.float32)
         self._positions = np.zeros(slots, np.int32)
         self._cache = model.empty_cache(slots)
-        self._pending = jnp.zeros((slots, model.vocab_size), jnp.float32)
+        self._pending = jnp.zeros((slots, model.vocab_size), jnp.float32, device=model.device)
 
     # ------------------------------------------------------------------ public
 
@@ -141,10 +149,13 @@ class Engine:
             prompt_logits, self._pending, self._cache = m.prefill_slot(
                 m.weights, self._cache, self._pending, tokens, np.int32(1), np.int32(0))
             m.logprobs(prompt_logits, tokens[0])
+        _choice_keys(np.int32(0))
         for mode in ("greedy", "plain", "filtered"):
             out = self._sample(mode, zeros)
         m.logprobs(self._pending, out)
-        self._pending, self._cache = m.decode_step(m.weights, self._cache, out, zeros)
+        # host arrays, as the loop passes them (a device array would compile another variant)
+        self._pending, self._cache = m.decode_step(m.weights, self._cache, np.asarray(out),
+                                                   zeros)
         jax.block_until_ready(self._pending)
         self.ready = True
         self.metrics.ready.set(1)
@@ -158,11 +169,10 @@ class Engine:
             if len(self._waiting) + s.n > self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} sequences are waiting (the queue holds "
                                 f"{self.max_queue}): retry later")
-            base = jax.random.PRNGKey(s.seed if s.seed is not None
-                                      else np.random.randint(0, 2**31 - 1))
+            seed = s.seed if s.seed is not None else np.random.randint(0, 2**31 - 1)
+            keys = np.asarray(_choice_keys(np.int32(seed)))
             for i in range(s.n):
-                key = np.asarray(jax.random.fold_in(base, i), np.uint32)
-                self._waiting.append(_Sequence(request, i, key))
+                self._waiting.append(_Sequence(request, i, keys[i]))
             self.metrics.queue_depth.set(len(self._waiting))
             self._wake.notify()
 

@@ -78,7 +78,10 @@ class LanguageModel:
         self._cache_dtype = jnp.dtype(info["cache_dtype"])
         self._num_layers = info["num_layers"]
         self.tokenizer = load_tokenizer(self.directory)
-        self.weights = jax.device_put(artifacts.load_weights(self.directory))
+        # Everything the compiled functions take lives on one device, committed to it, so that
+        # their results (committed) feed them again without a second compilation.
+        self.device = jax.devices()[0]
+        self.weights = jax.device_put(artifacts.load_weights(self.directory), self.device)
         functions = self.manifest["functions"]
         prefill = artifacts.load_function(self.directory, functions["prefill"]).call
         decode = artifacts.load_function(self.directory, functions["decode"]).call
@@ -113,7 +116,8 @@ class LanguageModel:
 
     def empty_cache(self, batch: int) -> list[dict[str, jax.Array]]:
         """A KV cache of `batch` rows: per layer `{"k", "v"}` `[batch, block, kv_heads, dim]`."""
-        zeros = functools.partial(jnp.zeros, (batch, *self._cache_shape), self._cache_dtype)
+        zeros = functools.partial(jnp.zeros, (batch, *self._cache_shape), self._cache_dtype,
+                                  device=self.device)
         return [{"k": zeros(), "v": zeros()} for _ in range(self._num_layers)]
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,

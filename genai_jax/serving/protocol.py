@@ -13,9 +13,8 @@ import uuid
 from typing import Any
 
 from genai_jax.errors import UserError
-from genai_jax.serving.engine import Settings, Update
+from genai_jax.serving.engine import MAX_CHOICES, Settings, Update
 
-MAX_N = 16
 MAX_STOP = 4
 MAX_COMPLETION_LOGPROBS = 5
 MAX_TOP_LOGPROBS = 20
@@ -42,7 +41,7 @@ def _invalid(param: str, message: str) -> APIError:
     return APIError(400, f"{param}: {message}", param=param)
 
 
-def _get(body: dict, name: str, kind, default=None, *, low=None, high=None):
+def field(body: dict, name: str, kind, default=None, *, low=None, high=None):
     """`body[name]` checked against `kind` (a type or tuple) and the closed range [low, high]."""
     value = body.get(name, default)
     if value is None:
@@ -85,21 +84,22 @@ def _settings(body: dict, max_tokens_default: int, logprobs: int | None) -> Sett
     if stop is not None and (not isinstance(stop, list) or len(stop) > MAX_STOP
                              or not all(isinstance(s, str) and s for s in stop)):
         raise _invalid("stop", f"a string or a list of up to {MAX_STOP} non-empty strings")
-    top_k = _get(body, "top_k", int, 0, low=-1)
+    top_k = field(body, "top_k", int, 0, low=-1)  # vLLM's -1: off, like 0
+    max_tokens = field(body, "max_tokens", int, None, low=0)
+    if max_tokens is None:  # chat's newer name
+        max_tokens = field(body, "max_completion_tokens", int, max_tokens_default, low=0)
     return Settings(
-        max_tokens=_get(body, "max_tokens", int, None, low=0) if body.get(
-            "max_tokens") is not None else _get(body, "max_completion_tokens", int,
-                                                max_tokens_default, low=0),
-        temperature=float(_get(body, "temperature", (int, float), 1.0, low=0, high=2)),
-        top_p=float(_get(body, "top_p", (int, float), 1.0, low=0, high=1)) or 1e-9,
-        top_k=max(top_k, 0), seed=_get(body, "seed", int), stop=tuple(stop or ()),
-        n=_get(body, "n", int, 1, low=1, high=MAX_N), logprobs=logprobs,
-        echo=_get(body, "echo", bool, False), ignore_eos=_get(body, "ignore_eos", bool, False))
+        max_tokens=max_tokens,
+        temperature=float(field(body, "temperature", (int, float), 1.0, low=0, high=2)),
+        top_p=float(field(body, "top_p", (int, float), 1.0, low=0, high=1)) or 1e-9,
+        top_k=max(top_k, 0), seed=field(body, "seed", int), stop=tuple(stop or ()),
+        n=field(body, "n", int, 1, low=1, high=MAX_CHOICES), logprobs=logprobs,
+        echo=field(body, "echo", bool, False), ignore_eos=field(body, "ignore_eos", bool, False))
 
 
 def _stream(body: dict) -> tuple[bool, bool]:
-    stream = _get(body, "stream", bool, False)
-    options = _get(body, "stream_options", dict, {})
+    stream = field(body, "stream", bool, False)
+    options = field(body, "stream_options", dict, {})
     return stream, bool(options.get("include_usage", False))
 
 
@@ -121,7 +121,7 @@ def parse_completion(body: dict, encode, vocab_size: int, block_size: int) -> Pa
         if any(not 0 <= t < vocab_size for t in ids):
             raise _invalid("prompt", f"token ids must be in [0, {vocab_size})")
         prompts.append(ids)
-    logprobs = _get(body, "logprobs", int, None, low=0, high=MAX_COMPLETION_LOGPROBS)
+    logprobs = field(body, "logprobs", int, None, low=0, high=MAX_COMPLETION_LOGPROBS)
     settings = _settings(body, 16, logprobs)
     _check_context(prompts, settings, block_size)
     return Parsed(prompts, settings, *_stream(body))
@@ -143,8 +143,8 @@ def parse_chat(body: dict, render, block_size: int) -> Parsed:
         raise _invalid("messages", str(e)) from None
     if body.get("echo"):
         raise _invalid("echo", "not a chat completions parameter")
-    top = _get(body, "top_logprobs", int, None, low=0, high=MAX_TOP_LOGPROBS)
-    logprobs = (top or 0) if _get(body, "logprobs", bool, False) else None
+    top = field(body, "top_logprobs", int, None, low=0, high=MAX_TOP_LOGPROBS)
+    logprobs = (top or 0) if field(body, "logprobs", bool, False) else None
     settings = _settings(body, max(block_size - len(ids), 0), logprobs)
     _check_context([ids], settings, block_size)
     return Parsed([ids], settings, *_stream(body))

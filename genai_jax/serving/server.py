@@ -322,8 +322,8 @@ class Server:
         if not isinstance(prompt, str):
             raise APIError(400, "prompt: a class label (e.g. \"3\") or a label name",
                            param="prompt")
-        n = protocol._get(body, "n", int, 1, low=1, high=max(IMAGE_BATCHES))
-        seed = protocol._get(body, "seed", int, None)
+        n = protocol.field(body, "n", int, 1, low=1, high=max(IMAGE_BATCHES))
+        seed = protocol.field(body, "seed", int, None)
         fmt = body.get("response_format", "b64_json")
         if fmt != "b64_json":
             raise APIError(400, "response_format: only \"b64_json\" (no URLs are hosted)",
