@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 TRAIN_ARGS ?=
 
-.PHONY: install train test test-all lint bench bench-finetune clean
+.PHONY: install train test test-all lint bench bench-finetune bench-serve clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -57,6 +57,30 @@ bench-finetune: install
 			--config.train.batch_size=8 --peer=../shared/bench/hf_train_ref.py \
 			--rounds=5 --steps=20 || exit 1; \
 	done
+
+# Serving over HTTP (experiments.serve_bench): against Hugging Face transformers `generate` on the
+# same weights, a GPT-2 of 6 layers, width 384 (experiments/configs/gpt2_serve.py) trained here
+# once (~7 min on 2 cores) and exported once; then, on lm_char.py's tiny shakespeare model (trained
+# once, ~2 min), 16 clients against one, and the load test (1,000 requests from 32 clients, a
+# tenth malformed).
+SERVE_RUN ?= runs/serve_gpt2
+SERVE_CHAR_RUN ?= runs/shakespeare_char
+SERVE_TEXT ?= ../shared/data/tinyshakespeare.txt
+bench-serve: install
+	$(PY) -m pip install --quiet torch==2.13.0 'transformers>=5'
+	test -d $(SERVE_RUN)/checkpoints || $(PY) -m experiments.train \
+		--config=experiments/configs/gpt2_serve.py --config.data.path=$(SERVE_TEXT) \
+		--workdir=$(SERVE_RUN)
+	test -f $(SERVE_RUN)_hf/config.json || $(PY) -m experiments.export_checkpoint \
+		--workdir=$(SERVE_RUN) --hf_dir=$(SERVE_RUN)_hf
+	$(PY) -m experiments.serve_bench --workdir=$(SERVE_RUN) --clients=16 --prompt_tokens=32 \
+		--max_tokens=64 --peer=../shared/bench/hf_generate_ref.py --hf_dir=$(SERVE_RUN)_hf
+	test -d $(SERVE_CHAR_RUN)/checkpoints || $(PY) -m experiments.train \
+		--config=experiments/configs/lm_char.py --config.data.path=$(SERVE_TEXT) \
+		--workdir=$(SERVE_CHAR_RUN)
+	$(PY) -m experiments.serve_bench --workdir=$(SERVE_CHAR_RUN)
+	$(PY) -m experiments.serve_bench --workdir=$(SERVE_CHAR_RUN) --clients=32 \
+		--load_requests=1000 --malformed_fraction=0.1
 
 clean:
 	rm -rf runs

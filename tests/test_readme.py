@@ -41,6 +41,15 @@ ELSEWHERE = {
                            "test_benchmark_alternates_with_the_transformers_peer runs its "
                            "three steps (random_hf_model, import, benchmark with the peer) on a "
                            "tiny Llama",
+    "make bench-serve": "installs torch and transformers and trains two models; "
+                        "test_serve_bench.py::test_load_mode_answers_the_good_and_refuses_the_bad "
+                        "runs serve_bench's load mode on a tiny run (the test before it, the "
+                        "throughput mode)",
+    "python -m experiments.serve_bench": "starts the server and sends it 16 x 56-token "
+                                         "requests, longer than the shrunk model's context; "
+                                         "test_serve_bench.py::"
+                                         "test_throughput_counts_every_token runs it on a tiny "
+                                         "run",
     "make bench": "installs torch; test_cli.py::test_benchmark_prints_one_json_line runs the "
                   "benchmark it calls (without the PyTorch peer)",
     "--num_processes=4": "needs 4 hosts; test_parallel.py::"

@@ -93,7 +93,7 @@ class LanguageModel:
         def prefill_slot(weights, cache, pending, tokens, length, slot):
             """Prefill `tokens` `[1, bucket]` (`length` real) into slot `slot`; returns the
             prompt's logits `[bucket, vocab]` too (for its log-probabilities)."""
-            row = jax.tree.map(lambda c: jax.lax.dynamic_slice_in_dim(c, slot, 1), cache)
+            row = jax.tree.map(lambda c: jnp.zeros((1, *c.shape[1:]), c.dtype), cache)
             logits, row = prefill(weights, tokens, row)
             cache = jax.tree.map(lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r, slot, 0),
                                  cache, row)
