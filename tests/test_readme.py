@@ -72,12 +72,9 @@ ELSEWHERE = {
     "python -m experiments.serve": "serves until stopped; test_serving.py::"
                                    "test_greedy_completion_equals_sample starts it on an export "
                                    "and speaks to it with the openai client",
-    "curl -s localhost:8000": "needs the server above; test_serving.py::"
+    "curl": "needs the server above; test_serving.py::"
                               "test_bad_requests_get_openai_errors_and_the_server_keeps_serving "
                               "posts such bodies over HTTP",
-    "python -m experiments.serve_bench": "starts a server; test_serve_bench.py::"
-                                         "test_throughput_counts_every_token runs it on a tiny "
-                                         "model",
 }
 
 # Appended to shrink a training run (later flags win): a few steps, one evaluation, one
