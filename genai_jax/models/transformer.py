@@ -18,6 +18,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 from flax import nnx
 
 from genai_jax.nn import (
@@ -136,13 +137,14 @@ class Attention(nnx.Module):
                                       implementation=self.cfg.attention)
             return self.out(constrain(y, HEADS), keys[3]), None
         # Write this chunk's keys/values at each row's own position; each row then attends to
-        # its cache up to the query's position (later slots hold stale or no data).
-        write = jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice(c, u, (s, 0, 0)))
+        # its cache up to the query's position (later slots hold stale or no data). The cache
+        # is head-major (`init_cache`), so decoding reads it as it lies.
+        write = jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice(c, u, (0, s, 0)))
         start = positions[:, 0]
-        cache = {"k": write(cache["k"], k.astype(cache["k"].dtype), start),
-                 "v": write(cache["v"], v.astype(cache["v"].dtype), start)}
+        cache = {name: write(cache[name], rearrange(x, "b s h d -> b h s d").astype(
+            cache[name].dtype), start) for name, x in (("k", k), ("v", v))}
         y = dot_product_attention(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype),
-                                  kv_lengths=positions[:, -1] + 1,
+                                  kv_lengths=positions[:, -1] + 1, kv_heads_first=True,
                                   implementation=self.cfg.attention)
         return self.out(y), cache
 
@@ -200,7 +202,7 @@ class Transformer(nnx.Module):
           positions: int `[batch, seq]`; defaults to `0..seq-1` for every row.
           segment_ids: int `[batch, seq]` of packed examples (attention stays within each);
             positions should then restart at each example. Not with a cache.
-          cache: per-layer `{"k", "v"}` of `[batch, max_len, kv_heads, head_dim]`, or None.
+          cache: per-layer `{"k", "v"}` of `[batch, kv_heads, max_len, head_dim]`, or None.
           rng: dropout key; None means deterministic (evaluation, sampling).
 
         Returns:
@@ -235,7 +237,8 @@ class Transformer(nnx.Module):
 
 
 def init_cache(cfg: TransformerConfig, batch: int, max_len: int) -> Cache:
-    """An empty KV cache for `batch` rows of up to `max_len` positions."""
-    shape, dtype = (batch, max_len, cfg.kv_heads, cfg.head_dim), jnp.dtype(cfg.dtype)
+    """An empty KV cache for `batch` rows of up to `max_len` positions, per layer `{"k", "v"}`
+    `[batch, kv_heads, max_len, head_dim]` (head-major: see `Attention`)."""
+    shape, dtype = (batch, cfg.kv_heads, max_len, cfg.head_dim), jnp.dtype(cfg.dtype)
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
             for _ in range(cfg.num_layers)]

@@ -28,6 +28,7 @@ def dot_product_attention(
     causal: bool = False,
     segment_ids: jax.Array | None = None,
     kv_lengths: jax.Array | None = None,
+    kv_heads_first: bool = False,
     implementation: str = "xla",
 ) -> jax.Array:
     """Scaled dot-product attention.
@@ -40,6 +41,9 @@ def dot_product_attention(
       kv_lengths: KV-cache attention: int `[batch]`, the valid cache length of each row; the
         `q_len` queries are the last positions before it (query `j` sits at
         `kv_lengths - q_len + j`) and see the cache up to their own position.
+      kv_heads_first: k, v are `[batch, kv_heads, kv_len, head_dim]` (a KV cache kept
+        head-major, which the "xla" implementation reads without copying it: a token-major
+        cache was copied into this layout at every decode step, most of a CPU step's time).
       implementation: "xla", "cudnn" (NVIDIA GPUs) or "pallas".
 
     Returns:
@@ -48,8 +52,11 @@ def dot_product_attention(
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r} is not one of "
                          f"{IMPLEMENTATIONS}")
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(f"kv heads ({k.shape[2]}) must divide query heads ({q.shape[2]})")
+    kv_heads, kv_len = (k.shape[1], k.shape[2]) if kv_heads_first else (k.shape[2], k.shape[1])
+    if q.shape[2] % kv_heads:
+        raise ValueError(f"kv heads ({kv_heads}) must divide query heads ({q.shape[2]})")
+    if implementation != "xla" and kv_heads_first:  # the kernels take token-major k, v
+        k, v = (rearrange(x, "b h k d -> b k h d") for x in (k, v))
     if implementation == "pallas":
         import pallas_kernels
 
@@ -61,7 +68,7 @@ def dot_product_attention(
         mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
     if kv_lengths is not None:
         query_pos = kv_lengths[:, None] - q.shape[1] + jnp.arange(q.shape[1])  # [batch, q_len]
-        visible = jnp.arange(k.shape[1])[None, None, :] <= query_pos[:, :, None]
+        visible = jnp.arange(kv_len)[None, None, :] <= query_pos[:, :, None]
         mask = visible[:, None] if mask is None else mask & visible[:, None]
     if implementation == "cudnn":
         if jax.default_backend() != "gpu":
@@ -69,42 +76,28 @@ def dot_product_attention(
                              f"on {jax.default_backend()!r}: use model.attention='xla'")
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
                                             implementation="cudnn")
-    return _xla_attention(q, k, v, causal=causal, mask=mask)
+    return _xla_attention(q, k, v, causal=causal, mask=mask, kv_heads_first=kv_heads_first)
 
 
-def _xla_attention(q, k, v, *, causal, mask):
-    """Two batched matmuls and a float32 softmax (`_attend`) per block of queries; one query
-    per row (a decode step) reads the cache as it lies (`_attend_one`).
+def _xla_attention(q, k, v, *, causal, mask, kv_heads_first=False):
+    """Two batched matmuls and a float32 softmax (`_attend`) per block of queries.
 
     Layout inside: queries `[blocks, b, kv_heads, rows, d]`, the `group` query heads that share
     a kv head folded into the rows (`rows = block_len x group`), so that K/V are never repeated
     in memory and each block is one contiguous slice; keys and values `[b, kv_heads, k, d]`.
     The 1/sqrt(head_dim) scale is applied to q, not to the logits.
     """
-    g = q.shape[2] // k.shape[2]
-    if q.shape[1] == 1 and not causal:
-        return _attend_one(q, k, v, mask, g)
-    n = _num_query_blocks(q.shape[1], k.shape[1], causal)
+    if kv_heads_first:  # a head-major cache: already the layout inside
+        kh, vh = k, v
+    else:
+        kh, vh = (rearrange(x, "b k h d -> b h k d") for x in (k, v))
+    g = q.shape[2] // kh.shape[1]
+    n = _num_query_blocks(q.shape[1], kh.shape[2], causal)
     qb = rearrange(q * q.shape[-1] ** -0.5, "b (n s) (h g) d -> n b h (s g) d", n=n, g=g)
-    kh, vh = (rearrange(x, "b k h d -> b h k d") for x in (k, v))
     if mask is not None:  # [b, 1, q_len, kv_len]: the same for every head
         mask = rearrange(jnp.repeat(mask, g, axis=2), "b o (n r) k -> n b o r k", n=n)
     out = _attend(qb, kh, vh, mask, causal, g)
     return rearrange(out, "n b h (s g) d -> b (n s) (h g) d", g=g).astype(q.dtype)
-
-
-def _attend_one(q, k, v, mask, group):
-    """Attention of one query per row `q [b, 1, heads, d]` to `k, v [b, keys, kv_heads, d]`
-    (a KV cache) as products and sums over the cache in its own layout: a matmul would first
-    copy the whole cache into `[b, kv_heads, keys, d]`, which took most of a CPU decode step."""
-    qg = rearrange(q * q.shape[-1] ** -0.5, "b o (h g) d -> b o h g d", g=group)
-    logits = jnp.sum(qg.astype(jnp.float32) * k[:, :, :, None, :].astype(jnp.float32), -1)
-    if mask is not None:  # [b, 1, 1, keys]
-        logits = jnp.where(rearrange(mask, "b o q k -> b (o q k)")[:, :, None, None], logits,
-                           jnp.finfo(jnp.float32).min)
-    p = jax.nn.softmax(logits, axis=1)  # [b, keys, kv_heads, group]
-    out = jnp.sum(p[..., None] * v[:, :, :, None, :].astype(jnp.float32), axis=1)
-    return rearrange(out, "b h g d -> b 1 (h g) d").astype(q.dtype)
 
 
 # Causal attention runs in up to MAX_QUERY_BLOCKS query blocks of at least MIN_QUERY_BLOCK rows:

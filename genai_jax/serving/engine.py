@@ -9,9 +9,11 @@ Every iteration of the engine's loop:
   3. hands the new tokens to their requests, and frees the slots of those that stopped (end of
      sequence, a stop string, max_tokens, or a cancelled request);
   4. runs one decode step over all slots, which gives the next pending logits.
-So a request joins the running batch between two decode steps and leaves as soon as it stops,
-and the shapes never change after warm-up: one decode step, one prefill per bucket, three
-samplers (greedy, plain, filtered) and the log-probability functions.
+So a request joins the running batch between two decode steps and leaves as soon as it stops.
+The cache grows and shrinks by buckets with the longest sequence in it (a decode step reads the
+whole cache). Nothing compiles after warm-up: per cache length one decode step and one prefill
+per prompt bucket that fits, the resizes, three samplers (greedy, plain, filtered) and the
+log-probability functions.
 
 A sequence is one choice of one request (`n` choices take `n` slots). Text is decoded here, so
 that stop strings end generation where they occur; streamed text holds back what could still be
@@ -131,7 +133,10 @@ class Engine:
         self._top_k = np.zeros(slots, np.int32)
         self._top_p = np.ones(slots, np.float32)
         self._positions = np.zeros(slots, np.int32)
-        self._cache = model.empty_cache(slots)
+        # The cache is as long as the longest sequence needs (a bucket): a decode step reads
+        # all of it, and on a CPU that reading is a large part of the step.
+        self._length = bucket(1, model.block_size)
+        self._cache = model.empty_cache(slots, self._length)
         self._pending = jnp.zeros((slots, model.vocab_size), jnp.float32, device=model.device)
 
     # ------------------------------------------------------------------ public
@@ -141,24 +146,41 @@ class Engine:
         self._thread.start()
 
     def warm_up(self) -> None:
-        """Compile every shape the loop will run: the decode step, a prefill per bucket (with
-        the prompt log-probabilities), the three samplers and the step's log-probabilities."""
+        """Compile every shape the loop will run: for each cache length, the decode step and a
+        prefill per prompt bucket that fits; the resizes between cache lengths; the prompt
+        log-probabilities; the three samplers and the step's log-probabilities."""
         m, zeros = self.model, np.zeros(self.slots, np.int32)
-        for size in buckets(m.block_size):
-            tokens = np.zeros((1, size), np.int32)
-            prompt_logits, self._pending, self._cache = m.prefill_slot(
-                m.weights, self._cache, self._pending, tokens, np.int32(1), np.int32(0))
-            m.logprobs(prompt_logits, tokens[0])
+        sizes = buckets(m.block_size)
+        for length in sizes:
+            self._resize(length)
+            for size in sizes[:sizes.index(length) + 1]:
+                tokens = np.zeros((1, size), np.int32)
+                prompt_logits, self._pending, self._cache = m.prefill_slot(
+                    m.weights, self._cache, self._pending, tokens, np.int32(1), np.int32(0))
+                if length == size:
+                    m.logprobs(prompt_logits, tokens[0])
+            self._pending, self._cache = m.decode_step(m.weights, self._cache, zeros, zeros)
+        for old in sizes:  # every resize: compiled per (from, to)
+            for new in sizes:
+                self._resize(old)
+                self._resize(new)
+        self._resize(sizes[0])
         _choice_keys(np.int32(0))
         for mode in ("greedy", "plain", "filtered"):
             out = self._sample(mode, zeros)
         m.logprobs(self._pending, out)
-        # host arrays, as the loop passes them (a device array would compile another variant)
-        self._pending, self._cache = m.decode_step(m.weights, self._cache, np.asarray(out),
-                                                   zeros)
         jax.block_until_ready(self._pending)
         self.ready = True
         self.metrics.ready.set(1)
+
+    def _resize(self, length: int) -> None:
+        if length != self._length:
+            self._cache = self.model.resize(self._cache, length=length)
+            self._length = length
+
+    def _fit(self, needed: int) -> None:
+        """Make the cache the bucket of `needed` positions long (growing or shrinking)."""
+        self._resize(bucket(needed, self.model.block_size))
 
     def submit(self, request: Request) -> None:
         """Queue `request`'s `n` sequences; raises QueueFull when they do not fit."""
@@ -218,6 +240,7 @@ class Engine:
         for slot, seq in list(self._busy.items()):
             if seq.request.cancelled:
                 del self._busy[slot]
+                self._positions[slot] = 0
         self.metrics.slots_busy.set(len(self._busy))
         with self._wake:
             kept = [s for s in self._waiting if not s.request.cancelled]
@@ -238,6 +261,7 @@ class Engine:
             length = len(request.prompt)
             tokens = np.zeros((1, bucket(length, m.block_size)), np.int32)
             tokens[0, :length] = request.prompt
+            self._fit(max(tokens.shape[1], self._needed()))
             prompt_logits, self._pending, self._cache = m.prefill_slot(
                 m.weights, self._cache, self._pending, tokens, np.int32(length), np.int32(slot))
             if s.echo and s.logprobs is not None and request.prompt_logprobs is None:
@@ -285,13 +309,21 @@ class Engine:
                      if scored is not None and top is not None else None)
             if self._advance(seq, int(host[slot]), entry, now):
                 del busy[slot]
+                self._positions[slot] = 0  # a free row's step writes at 0, within any length
         self.metrics.generation_tokens.inc(len(settings))
         self.metrics.slots_busy.set(len(busy))
+        if not busy:
+            return
         # the decode step writes each token at its row's position and gives the next logits
         positions = self._positions.copy()
         for slot in busy:
             self._positions[slot] += 1
+        self._fit(self._needed())
         self._pending, self._cache = m.decode_step(m.weights, self._cache, host, positions)
+
+    def _needed(self) -> int:
+        """Cache positions the busy slots' next decode step needs (their own included)."""
+        return max((int(self._positions[slot]) for slot in self._busy), default=0)
 
     def _advance(self, seq: _Sequence, token: int, entry: dict | None, now: float) -> bool:
         """Give `seq` its new token (and its log-probability entry); True when it is done."""

@@ -2,11 +2,12 @@
 `jax.export` functions of plain arrays, the weights beside them (`genai_jax.serving.artifacts`).
 
 Language models export two functions, both with a symbolic batch `b` and the KV cache (a list of
-per-layer `{"k", "v"}` arrays `[b, block_size, kv_heads, head_dim]`) as explicit argument and
-result, so that a server can keep one cache of fixed slots and decode them together:
+per-layer `{"k", "v"}` arrays `[b, kv_heads, t, head_dim]`, any length `t <= block_size`) as
+explicit argument and result, so that a server can keep one cache of fixed slots, as long as its
+longest sequence needs, and decode them together:
   prefill(weights, tokens int32[b, p], cache) -> (logits float32[b, p, vocab], cache)
-      positions 0..p-1 (symbolic `p <= block_size`); right-padded rows are fine: a row's later
-      tokens overwrite the padding's cache entries, and attention never reads past a query;
+      positions 0..p-1 (symbolic `p <= t`); right-padded rows are fine: a row's later tokens
+      overwrite the padding's cache entries, and attention never reads past a query;
   decode(weights, tokens int32[b], positions int32[b], cache) -> (logits float32[b, vocab], cache)
       one token per row at that row's own position.
 Image families export `generate(weights, key, labels)` (`genai_jax.serving.export_images`).
@@ -107,20 +108,22 @@ def _export_lm(run, out: pathlib.Path, platforms: tuple[str, ...]) -> dict:
 
     weight_specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in weights.items()}
 
-    def cache_spec(b):
-        shape = (b, cfg.block_size, cfg.kv_heads, cfg.head_dim)
+    def cache_spec(b, t):
+        shape = (b, cfg.kv_heads, t, cfg.head_dim)  # `init_cache`'s layout
         return [{name: jax.ShapeDtypeStruct(shape, jnp.dtype(cfg.dtype)) for name in ("k", "v")}
                 for _ in range(cfg.num_layers)]
 
-    # Each function its own symbolic scope: the prompt length `p` appears in prefill only.
-    b, p = jax_export.symbolic_shape("b, p", constraints=[f"p <= {cfg.block_size}"])
-    (b1,) = jax_export.symbolic_shape("b")
+    # Symbolic batch `b` and cache length `t` (a server keeps its cache as long as its longest
+    # sequence needs: decoding reads all of it); each function has its own symbolic scope.
+    context = f"t <= {cfg.block_size}"
+    b, p, t = jax_export.symbolic_shape("b, p, t", constraints=["p <= t", context])
+    b1, t1 = jax_export.symbolic_shape("b, t", constraints=[context])
     functions = {
         "prefill": jax_export.export(jax.jit(prefill), platforms=platforms)(
-            weight_specs, jax.ShapeDtypeStruct((b, p), jnp.int32), cache_spec(b)),
+            weight_specs, jax.ShapeDtypeStruct((b, p), jnp.int32), cache_spec(b, t)),
         "decode": jax_export.export(jax.jit(decode), platforms=platforms)(
             weight_specs, jax.ShapeDtypeStruct((b1,), jnp.int32),
-            jax.ShapeDtypeStruct((b1,), jnp.int32), cache_spec(b1)),
+            jax.ShapeDtypeStruct((b1,), jnp.int32), cache_spec(b1, t1)),
     }
     artifacts.save_weights(out, weights)
     copied = _copy_tokenizer(pathlib.Path(run.workdir), out)
@@ -129,7 +132,8 @@ def _export_lm(run, out: pathlib.Path, platforms: tuple[str, ...]) -> dict:
                       for name, f in functions.items()},
         "lm": {"vocab_size": cfg.vocab_size, "block_size": cfg.block_size,
                "num_layers": cfg.num_layers, "kv_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
-               "cache_dtype": cfg.dtype, "eos_token_id": tokenizer.eos_token_id,
+               "cache_dtype": cfg.dtype, "cache_layout": "batch, kv_heads, position, head_dim",
+               "eos_token_id": tokenizer.eos_token_id,
                "start_token": int(tokenizer.start_token),
                "chat_template": tokenizer.chat_template is not None},
         "tokenizer": {"files": copied},

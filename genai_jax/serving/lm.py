@@ -74,7 +74,7 @@ class LanguageModel:
         self.block_size, self.vocab_size = info["block_size"], info["vocab_size"]
         self.eos_token_id = info["eos_token_id"]
         self.start_token = info["start_token"]
-        self._cache_shape = (info["block_size"], info["kv_heads"], info["head_dim"])
+        self._kv_heads, self._head_dim = info["kv_heads"], info["head_dim"]
         self._cache_dtype = jnp.dtype(info["cache_dtype"])
         self._num_layers = info["num_layers"]
         self.tokenizer = load_tokenizer(self.directory)
@@ -105,8 +105,17 @@ class LanguageModel:
             logits, cache = decode(weights, tokens, positions, cache)
             return logits, cache
 
+        def resize(cache, length):
+            """The cache `length` positions long: cut, or zero-padded at the end."""
+            def one(c):
+                if length <= c.shape[2]:
+                    return c[:, :, :length]
+                return jnp.pad(c, ((0, 0), (0, 0), (0, length - c.shape[2]), (0, 0)))
+            return jax.tree.map(one, cache)
+
         self.prefill_slot = jax.jit(prefill_slot, donate_argnums=(1, 2))
         self.decode_step = jax.jit(decode_step, donate_argnums=1)
+        self.resize = jax.jit(resize, static_argnames="length")
         self.next_tokens = jax.jit(next_tokens, static_argnames="mode")
         self.logprobs = jax.jit(logprobs)
 
@@ -114,10 +123,11 @@ class LanguageModel:
     def has_chat_template(self) -> bool:
         return getattr(self.tokenizer, "chat_template", None) is not None
 
-    def empty_cache(self, batch: int) -> list[dict[str, jax.Array]]:
-        """A KV cache of `batch` rows: per layer `{"k", "v"}` `[batch, block, kv_heads, dim]`."""
-        zeros = functools.partial(jnp.zeros, (batch, *self._cache_shape), self._cache_dtype,
-                                  device=self.device)
+    def empty_cache(self, batch: int, length: int | None = None) -> list[dict[str, jax.Array]]:
+        """A KV cache of `batch` rows of `length` positions (default: the context): per layer
+        `{"k", "v"}` `[batch, kv_heads, length, head_dim]`."""
+        shape = (batch, self._kv_heads, length or self.block_size, self._head_dim)
+        zeros = functools.partial(jnp.zeros, shape, self._cache_dtype, device=self.device)
         return [{"k": zeros(), "v": zeros()} for _ in range(self._num_layers)]
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
