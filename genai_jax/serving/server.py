@@ -228,18 +228,30 @@ class Server:
         start = time.perf_counter()
 
         async def updates() -> AsyncIterator[tuple[int, Update]]:
+            """The engine's updates by choice; those that queued up while the last one was
+            being sent come merged (one event for several tokens: what keeps a busy server's
+            streams from falling behind)."""
             done = 0
             while done < total:
-                try:
-                    i, update = await asyncio.wait_for(queue.get(), timeout=1.0)
-                except TimeoutError:
-                    if self.engine.error is not None:
-                        raise RuntimeError("the engine stopped") from self.engine.error
-                    continue
-                if update.finish_reason == "error":
-                    raise RuntimeError("the engine stopped")
-                done += update.finish_reason is not None
-                yield i * n + update.index, update
+                items = []
+                if queue.empty():  # wait (wait_for only here: it costs a task per call)
+                    try:
+                        items.append(await asyncio.wait_for(queue.get(), timeout=1.0))
+                    except TimeoutError:
+                        if self.engine.error is not None:
+                            raise RuntimeError("the engine stopped") from self.engine.error
+                        continue
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                merged: dict[int, Update] = {}
+                for i, update in items:
+                    if update.finish_reason == "error":
+                        raise RuntimeError("the engine stopped")
+                    done += update.finish_reason is not None
+                    index = i * n + update.index
+                    merged[index] = _merge(merged[index], update) if index in merged else update
+                for index, update in merged.items():
+                    yield index, update
 
         def cancel():
             for r in requests:
@@ -388,6 +400,11 @@ class _Gate:
         finally:
             route = path if path in self.routes else "other"
             server.metrics.requests.labels(route, str(status["code"])).inc()
+
+
+def _merge(a: Update, b: Update) -> Update:
+    return Update(a.index, a.text + b.text, a.tokens + b.tokens, a.logprobs + b.logprobs,
+                  b.finish_reason or a.finish_reason)
 
 
 def _error(e: APIError) -> JSONResponse:
