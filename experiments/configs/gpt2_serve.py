@@ -18,9 +18,9 @@ batch 8 x 256, 300 steps.
 
 (`make bench-serve` runs all three.) Measured on 2 cores of an AMD EPYC (Zen 4): 1.44 s per
 step alone (~7 minutes; 12 when the machine was shared), validation loss 4.71 nats per token at
-step 300 (20 batches). Serving 16 concurrent streamed clients, two runs: 727 and 644 tokens/s,
-against `transformers` `generate`'s 112 and 97 one request at a time (6.5x, 6.6x) and 647 and
-726 for all 16 in one padded batch (1.12x, 0.89x); see the README.
+step 300 (20 batches). Serving 16 concurrent streamed clients (12eb95d and e4a3508, two runs):
+1,212 and 1,020 tokens/s, against `transformers` `generate`'s 105 and 119 one request at a time
+(11.5x, 8.6x) and 679 and 757 for all 16 in one padded batch (1.79x, 1.35x); see the README.
 """
 
 from genai_jax.config import base_config
