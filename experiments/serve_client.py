@@ -1,8 +1,9 @@
 """The serving benchmark's side of the wire: the server as a subprocess, one completion request
 over HTTP (streamed or not), and the requests a load test sends, well-formed and malformed.
 
-Standard library only (`http.client`, threads): the benchmark's client shares the machine with
-the server it measures, so it stays light, and it needs nothing the server does not.
+The HTTP side is the standard library's (`http.client`, threads), plus numpy for the prompts:
+the benchmark's client shares the machine with the server it measures, so it stays light, and
+it imports neither jax nor the server.
 """
 
 from __future__ import annotations

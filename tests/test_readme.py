@@ -9,6 +9,7 @@ before it), or is named in `ELSEWHERE` with the test or CI step that exercises i
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -20,6 +21,7 @@ import time
 import pytest
 
 from tests.conftest import ROOT, overridden
+from tests.test_serving import Served
 
 README = (ROOT / "README.md").read_text()
 
@@ -45,11 +47,6 @@ ELSEWHERE = {
                         "test_serve_bench.py::test_load_mode_answers_the_good_and_refuses_the_bad "
                         "runs serve_bench's load mode on a tiny run (the test before it, the "
                         "throughput mode)",
-    "python -m experiments.serve_bench": "starts the server and sends it 16 x 56-token "
-                                         "requests, longer than the shrunk model's context; "
-                                         "test_serve_bench.py::"
-                                         "test_throughput_counts_every_token runs it on a tiny "
-                                         "run",
     "make bench": "installs torch; test_cli.py::test_benchmark_prints_one_json_line runs the "
                   "benchmark it calls (without the PyTorch peer)",
     "--num_processes=4": "needs 4 hosts; test_parallel.py::"
@@ -69,12 +66,6 @@ ELSEWHERE = {
                                   "imports a random Llama",
     "--workdir=W --hf_dir=DIR": "placeholders; the demonstration runs export_checkpoint, and "
                                 "test_hf_interop.py::test_import_sample_export_round_trip",
-    "python -m experiments.serve": "serves until stopped; test_serving.py::"
-                                   "test_greedy_completion_equals_sample starts it on an export "
-                                   "and speaks to it with the openai client",
-    "curl": "needs the server above; test_serving.py::"
-                              "test_bad_requests_get_openai_errors_and_the_server_keeps_serving "
-                              "posts such bodies over HTTP",
 }
 
 # Appended to shrink a training run (later flags win): a few steps, one evaluation, one
@@ -84,8 +75,9 @@ SHORT = ["--config.train.steps=4", "--config.train.steps_per_call=1", "--config.
          "--config.checkpoint.every=4"]
 NO_SAMPLE_METRICS = ["--config.eval.num_samples=0", "--config.sample.num_samples=10"]
 TINY_MODEL = {
+    # a 64-token context, as lm_char.py's: the Serving section's requests fit it
     "transformer": ["--config.model.num_layers=1", "--config.model.embed_dim=32",
-                    "--config.model.num_heads=2", "--config.model.block_size=16"],
+                    "--config.model.num_heads=2", "--config.model.block_size=64"],
     "diffusion": ["--config.model.channels=8", "--config.model.channel_mult=(1,2)",
                   "--config.model.num_res_blocks=1", "--config.model.num_heads=1",
                   "--config.sample.steps=2", *NO_SAMPLE_METRICS],
@@ -134,8 +126,11 @@ def test_readme_commands_are_all_known():
                              ["python", "-m", "experiments.benchmark"],
                              ["python", "-m", "experiments.import_checkpoint"],
                              ["python", "-m", "experiments.export_checkpoint"],
-                             ["python", "-m", "experiments.export_compiled"]) or words == [
-            "make", "train"], f"README command neither runnable here nor in ELSEWHERE: {command}"
+                             ["python", "-m", "experiments.export_compiled"],
+                             ["python", "-m", "experiments.serve"],
+                             ["python", "-m", "experiments.serve_bench"]) or words[0] == "curl" \
+            or words == ["make", "train"], \
+            f"README command neither runnable here nor in ELSEWHERE: {command}"
 
 
 def test_the_extractor_sees_blocks_continuations_and_inline_commands():
@@ -173,6 +168,8 @@ def shrunk(command: str, runs) -> tuple[dict, list[str]]:
         argv += SHORT + TINY_MODEL[family]
     elif program == "experiments.benchmark":
         argv += TINY_MODEL["transformer"] + ["--steps=2", "--rounds=1"]
+    elif program == "experiments.serve_bench":
+        argv += ["--rounds=1"]
     elif program == "experiments.evaluate" and "--num_samples" in command:
         argv += ["--num_samples=20"]
     return env, argv
@@ -184,11 +181,21 @@ def test_readme_commands_run(env, tmp_path):
     before sampling from it), then the inline ones. A training command starts afresh in its
     workdir, so that a command the README repeats trains again instead of finding its run
     finished."""
-    ran = []
+    ran, server = [], None
     for command in readme_commands():
         if elsewhere(command) or command in ran:
             continue
+        if command.startswith("curl "):  # to the server the README started just before
+            argv = shlex.split(command.replace("localhost:8000", f"127.0.0.1:{server.port}"))
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+            assert proc.returncode == 0 and json.loads(proc.stdout)["choices"], proc.stdout
+            ran.append(command)
+            continue
         extra, argv = shrunk(command, tmp_path / "runs")
+        if argv[1:3] == ["-m", "experiments.serve"]:  # serves until stopped: in the background
+            server = Served([a for a in argv[3:] if not a.startswith("--port")], env)
+            ran.append(command)
+            continue
         if "experiments.train" in argv:
             workdir = next(w.split("=", 1)[1] for w in argv if w.startswith("--workdir="))
             shutil.rmtree(workdir, ignore_errors=True)
@@ -198,6 +205,7 @@ def test_readme_commands_run(env, tmp_path):
         assert proc.returncode == 0, f"README command failed: {command}\n{proc.stderr[-3000:]}"
         ran.append(command)
         print(f"{time.perf_counter() - start:6.1f} s  {command}")
+    assert server is not None and server.stop() == 0
     assert len(ran) >= 8
 
 

@@ -44,6 +44,10 @@ class QueueFull(Exception):
     """More sequences are waiting than the engine's queue holds (the server answers 429)."""
 
 
+class Unavailable(Exception):
+    """The engine is shutting down or has stopped on an error (the server answers 503)."""
+
+
 @dataclasses.dataclass
 class Settings:
     """How to generate, from the request (OpenAI's names and defaults)."""
@@ -90,8 +94,6 @@ class _Sequence:
     key: np.ndarray  # uint32[2]: the sequence's random stream
     tokens: list[int] = dataclasses.field(default_factory=list)
     sent: int = 0  # characters of text already emitted
-    logprobs: list[dict] = dataclasses.field(default_factory=list)
-    slot: int = -1
 
 
 @jax.jit
@@ -125,7 +127,6 @@ class Engine:
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.ready = False
         self.error: BaseException | None = None
         # per-slot sampling settings, on the host; sent with every step
         self._keys = np.zeros((slots, 2), np.uint32)
@@ -165,13 +166,11 @@ class Engine:
                 self._resize(old)
                 self._resize(new)
         self._resize(sizes[0])
-        _choice_keys(np.int32(0))
+        _choice_keys(np.uint32(0))
         for mode in ("greedy", "plain", "filtered"):
             out = self._sample(mode, zeros)
         m.logprobs(self._pending, out)
         jax.block_until_ready(self._pending)
-        self.ready = True
-        self.metrics.ready.set(1)
 
     def _resize(self, length: int) -> None:
         if length != self._length:
@@ -183,16 +182,18 @@ class Engine:
         self._resize(bucket(needed, self.model.block_size))
 
     def submit(self, request: Request) -> None:
-        """Queue `request`'s `n` sequences; raises QueueFull when they do not fit."""
+        """Queue `request`'s `n` sequences; raises QueueFull when they do not fit now and
+        Unavailable when the engine is stopping or stopped."""
         s = request.settings
+        seed = s.seed if s.seed is not None else np.random.randint(0, 2**32, dtype=np.uint64)
+        keys = np.asarray(_choice_keys(np.uint32(seed % 2**32)))  # any integer seed
         with self._wake:
-            if self._stopping:
-                raise QueueFull("the server is shutting down")
+            if self._stopping or self.error is not None:
+                raise Unavailable("the server is shutting down" if self._stopping else
+                                  f"the engine stopped: {self.error!r}")
             if len(self._waiting) + s.n > self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} sequences are waiting (the queue holds "
                                 f"{self.max_queue}): retry later")
-            seed = s.seed if s.seed is not None else np.random.randint(0, 2**31 - 1)
-            keys = np.asarray(_choice_keys(np.int32(seed)))
             for i in range(s.n):
                 self._waiting.append(_Sequence(request, i, keys[i]))
             self.metrics.queue_depth.set(len(self._waiting))
@@ -211,10 +212,6 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    @property
-    def idle(self) -> bool:
-        return not self._waiting and not self._busy
-
     # ------------------------------------------------------------------ the loop
 
     def _run(self) -> None:
@@ -231,23 +228,30 @@ class Engine:
                     self._step()
         except BaseException as e:  # a bug: every waiting request gets an error
             logging.exception("the engine stopped")
-            self.error = e
-            for seq in [*self._busy.values(), *self._waiting]:
+            with self._wake:
+                self.error = e
+                left = [*self._busy.values(), *self._waiting]
+            for seq in left:
                 seq.request.emit(Update(seq.index, finish_reason="error"))
             raise
 
     def _drop_cancelled(self) -> None:
+        """Free the slots and queue places of cancelled requests; each dropped sequence ends
+        with finish_reason "cancelled" (a handler still waiting on it returns)."""
+        dropped = []
         for slot, seq in list(self._busy.items()):
             if seq.request.cancelled:
-                del self._busy[slot]
+                dropped.append(self._busy.pop(slot))
                 self._positions[slot] = 0
         self.metrics.slots_busy.set(len(self._busy))
         with self._wake:
-            kept = [s for s in self._waiting if not s.request.cancelled]
-            self._waiting = collections.deque(kept)
+            dropped += [s for s in self._waiting if s.request.cancelled]
+            self._waiting = collections.deque(s for s in self._waiting
+                                              if not s.request.cancelled)
+        for seq in dropped:
+            seq.request.emit(Update(seq.index, finish_reason="cancelled"))
 
     def _admit(self) -> None:
-        m = self.model
         free = [s for s in range(self.slots) if s not in self._busy]
         while free:
             with self._wake:
@@ -255,31 +259,41 @@ class Engine:
                     break
                 seq = self._waiting.popleft()
                 self.metrics.queue_depth.set(len(self._waiting))
-            slot, request, s = free.pop(0), seq.request, seq.request.settings
-            now = time.perf_counter()
-            self.metrics.queue_wait.observe(now - request.arrival)
-            length = len(request.prompt)
-            tokens = np.zeros((1, bucket(length, m.block_size)), np.int32)
-            tokens[0, :length] = request.prompt
-            self._fit(max(tokens.shape[1], self._needed()))
-            prompt_logits, self._pending, self._cache = m.prefill_slot(
-                m.weights, self._cache, self._pending, tokens, np.int32(length), np.int32(slot))
-            if s.echo and s.logprobs is not None and request.prompt_logprobs is None:
-                following = np.roll(tokens[0], -1)  # row i scores prompt token i + 1
-                first = {"token": int(request.prompt[0]), "logprob": None, "top": []}
-                request.prompt_logprobs = [first] + _entries(
-                    m.logprobs(prompt_logits, following), following[:length - 1], s.logprobs)
-            if s.max_tokens == 0:  # scoring only (echo): nothing to generate
-                request.emit(Update(seq.index, finish_reason="length"))
+            slot = free.pop(0)
+            try:
+                admitted = self._prefill(seq, slot)
+            except Exception:  # a bug shown by this request: it alone gets an error
+                logging.exception("prefill failed")
+                seq.request.emit(Update(seq.index, finish_reason="error"))
+                admitted = False
+            if not admitted:
                 free.insert(0, slot)
-                continue
-            seq.slot = slot
-            self._keys[slot] = seq.key
-            self._temperature[slot] = s.temperature
-            self._top_k[slot] = s.top_k
-            self._top_p[slot] = s.top_p
-            self._positions[slot] = length
-            self._busy[slot] = seq
+
+    def _prefill(self, seq: _Sequence, slot: int) -> bool:
+        """Prefill `seq`'s prompt into `slot`; False when it needs no slot after that."""
+        m, request, s = self.model, seq.request, seq.request.settings
+        self.metrics.queue_wait.observe(time.perf_counter() - request.arrival)
+        length = len(request.prompt)
+        tokens = np.zeros((1, bucket(length, m.block_size)), np.int32)
+        tokens[0, :length] = request.prompt
+        self._fit(max(tokens.shape[1], self._written() + 1))
+        prompt_logits, self._pending, self._cache = m.prefill_slot(
+            m.weights, self._cache, self._pending, tokens, np.int32(length), np.int32(slot))
+        if s.echo and s.logprobs is not None and request.prompt_logprobs is None:
+            following = np.roll(tokens[0], -1)  # row i scores prompt token i + 1
+            first = {"token": int(request.prompt[0]), "logprob": None, "top": []}
+            request.prompt_logprobs = [first] + _entries(
+                m.logprobs(prompt_logits, following), following[:length - 1], s.logprobs)
+        if s.max_tokens == 0:  # scoring only (echo): nothing to generate
+            request.emit(Update(seq.index, finish_reason="length"))
+            return False
+        self._keys[slot] = seq.key
+        self._temperature[slot] = s.temperature
+        self._top_k[slot] = s.top_k
+        self._top_p[slot] = s.top_p
+        self._positions[slot] = length
+        self._busy[slot] = seq
+        return True
 
     def _sample(self, mode: str, counters: np.ndarray) -> jax.Array:
         return self.model.next_tokens(self._pending, self._keys, counters, self._temperature,
@@ -298,8 +312,8 @@ class Engine:
         for slot, seq in busy.items():
             counters[slot] = len(seq.tokens)
         tokens = self._sample(mode, counters)
-        want = max((s.logprobs for s in settings if s.logprobs is not None), default=None)
-        scored = m.logprobs(self._pending, tokens) if want is not None else None
+        scored = (m.logprobs(self._pending, tokens)
+                  if any(s.logprobs is not None for s in settings) else None)
         host = np.asarray(tokens)
         self.metrics.occupancy.observe(len(busy) / self.slots)
         now = time.perf_counter()
@@ -307,7 +321,13 @@ class Engine:
             top = seq.request.settings.logprobs
             entry = (_entries(scored, host, top, row=slot)[0]
                      if scored is not None and top is not None else None)
-            if self._advance(seq, int(host[slot]), entry, now):
+            try:
+                done = self._advance(seq, int(host[slot]), entry, now)
+            except Exception:  # a bug shown by this request: it alone gets an error
+                logging.exception("a generated token could not be handed over")
+                seq.request.emit(Update(seq.index, finish_reason="error"))
+                done = True
+            if done:
                 del busy[slot]
                 self._positions[slot] = 0  # a free row's step writes at 0, within any length
         self.metrics.generation_tokens.inc(len(settings))
@@ -315,14 +335,14 @@ class Engine:
         if not busy:
             return
         # the decode step writes each token at its row's position and gives the next logits
+        self._fit(self._written() + 1)
         positions = self._positions.copy()
         for slot in busy:
             self._positions[slot] += 1
-        self._fit(self._needed())
         self._pending, self._cache = m.decode_step(m.weights, self._cache, host, positions)
 
-    def _needed(self) -> int:
-        """Cache positions the busy slots' next decode step needs (their own included)."""
+    def _written(self) -> int:
+        """The position the busy slots' next decode step writes at, at most (0: none busy)."""
         return max((int(self._positions[slot]) for slot in self._busy), default=0)
 
     def _advance(self, seq: _Sequence, token: int, entry: dict | None, now: float) -> bool:
@@ -350,7 +370,7 @@ class Engine:
             stable -= max((len(stop) - 1 for stop in s.stop), default=0)
             text = text[:max(stable, seq.sent)]
         update = Update(seq.index, text[seq.sent:], new,
-                        [dict(entry, token=token)] if entry is not None and new else [], finish)
+                        [entry] if entry is not None and new else [], finish)
         seq.sent = max(seq.sent, len(text))
         if update.text or update.tokens or update.finish_reason:
             request.emit(update)

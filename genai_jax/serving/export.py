@@ -130,7 +130,8 @@ def _export_lm(run, out: pathlib.Path, platforms: tuple[str, ...]) -> dict:
     return {
         "functions": {name: artifacts.save_function(out, name, f)
                       for name, f in functions.items()},
-        "lm": {"vocab_size": cfg.vocab_size, "block_size": cfg.block_size,
+        "lm": {"vocab_size": cfg.vocab_size, "tokenizer_size": tokenizer.vocab_size,
+               "block_size": cfg.block_size,
                "num_layers": cfg.num_layers, "kv_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
                "cache_dtype": cfg.dtype, "cache_layout": "batch, kv_heads, position, head_dim",
                "eos_token_id": tokenizer.eos_token_id,

@@ -24,15 +24,19 @@ TOP_LOGPROBS = 20  # the most alternatives a request may ask for (OpenAI's chat 
 
 def next_tokens(logits: jax.Array, keys: jax.Array, counters: jax.Array,
                 temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, *,
-                mode: str) -> jax.Array:
+                mode: str, known: int) -> jax.Array:
     """One token per row `[rows]` from logits `[rows, vocab]`, each row with its own sampling
     settings `[rows]` and random stream: row r draws with `fold_in(keys[r], counters[r])`, so
     what a row samples never depends on the other rows.
 
     `mode` picks the compiled variant: "greedy" (every row argmax), "plain" (temperature only)
     or "filtered" (top-k and top-p too, through one sort of the vocabulary). In the last two a
-    row with temperature 0 is still greedy.
+    row with temperature 0 is still greedy. Only the `known` first tokens (the tokenizer's: a
+    model's vocabulary may be larger) are ever drawn.
     """
+    if known < logits.shape[-1]:
+        logits = jnp.where(jnp.arange(logits.shape[-1]) < known, logits,
+                           jnp.finfo(jnp.float32).min)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if mode == "greedy":
         return greedy
@@ -47,8 +51,8 @@ def next_tokens(logits: jax.Array, keys: jax.Array, counters: jax.Array,
         # before it is below top_p, so the most likely token always stays)
         probs = jax.nn.softmax(ordered, axis=-1)
         before = jnp.cumsum(probs, axis=-1) - probs
-        cutoff = jnp.min(jnp.where(before < top_p[:, None], ordered, jnp.inf), axis=-1,
-                         keepdims=True)
+        keep = (before < top_p[:, None]) | (top_p[:, None] >= 1)  # (cumsum saturates at 1)
+        cutoff = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
         x = jnp.where(x < jnp.maximum(kth, cutoff), neg_inf, x)
     step_keys = jax.vmap(jax.random.fold_in)(keys, counters)
     sampled = jax.vmap(jax.random.categorical)(step_keys, x).astype(jnp.int32)
@@ -72,6 +76,7 @@ class LanguageModel:
         self.manifest = manifest or artifacts.read_manifest(self.directory)
         info = self.manifest["lm"]
         self.block_size, self.vocab_size = info["block_size"], info["vocab_size"]
+        self.known_tokens = info["tokenizer_size"]  # <= vocab_size: the ids text can have
         self.eos_token_id = info["eos_token_id"]
         self.start_token = info["start_token"]
         self._kv_heads, self._head_dim = info["kv_heads"], info["head_dim"]
@@ -116,7 +121,8 @@ class LanguageModel:
         self.prefill_slot = jax.jit(prefill_slot, donate_argnums=(1, 2))
         self.decode_step = jax.jit(decode_step, donate_argnums=1)
         self.resize = jax.jit(resize, static_argnames="length")
-        self.next_tokens = jax.jit(next_tokens, static_argnames="mode")
+        self.next_tokens = jax.jit(functools.partial(next_tokens, known=self.known_tokens),
+                                   static_argnames="mode")
         self.logprobs = jax.jit(logprobs)
 
     @property

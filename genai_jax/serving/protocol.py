@@ -64,6 +64,7 @@ class Parsed:
     settings: Settings
     stream: bool
     include_usage: bool
+    texts: list[str | None] | None = None  # the prompts as sent, where text (for echo)
 
 
 def check_model(body: dict, served: str) -> None:
@@ -118,13 +119,14 @@ def parse_completion(body: dict, encode, vocab_size: int, block_size: int) -> Pa
     prompts = []
     for p in prompt:
         ids = list(encode(p)) if isinstance(p, str) else list(p)
-        if any(not 0 <= t < vocab_size for t in ids):
-            raise _invalid("prompt", f"token ids must be in [0, {vocab_size})")
+        if not ids or any(not 0 <= t < vocab_size for t in ids):
+            raise _invalid("prompt", f"token ids must be in [0, {vocab_size}), at least one")
         prompts.append(ids)
     logprobs = field(body, "logprobs", int, None, low=0, high=MAX_COMPLETION_LOGPROBS)
     settings = _settings(body, 16, logprobs)
     _check_context(prompts, settings, block_size)
-    return Parsed(prompts, settings, *_stream(body))
+    texts = [p if isinstance(p, str) else None for p in prompt]
+    return Parsed(prompts, settings, *_stream(body), texts=texts)
 
 
 def parse_chat(body: dict, render, block_size: int) -> Parsed:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hmac
 import json
 import os
 import pathlib
@@ -37,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from genai_jax.errors import UserError
 from genai_jax.serving import artifacts, protocol
-from genai_jax.serving.engine import Engine, QueueFull, Request, Update
+from genai_jax.serving.engine import Engine, QueueFull, Request, Unavailable, Update
 from genai_jax.serving.images import ImageGenerator
 from genai_jax.serving.lm import LanguageModel
 from genai_jax.serving.metrics import Metrics
@@ -63,6 +64,9 @@ class Server:
             self.engine = Engine(self.lm, slots=slots, max_queue=max_queue, metrics=self.metrics)
         else:
             self.images = ImageGenerator.load(directory)
+            if self.images.kind != "image":
+                raise UserError(f"{directory} samples 2-D points, not images: there is nothing "
+                                "to serve as PNG")
             self._image_lock = threading.Lock()
         self.ready = self.draining = False
         self.app = self._build_app()
@@ -155,7 +159,8 @@ class Server:
         async def completions(request: fastapi.Request):
             body = await self._body(request, text=True)
             lm = self.lm
-            parsed = protocol.parse_completion(body, self._encode, lm.vocab_size, lm.block_size)
+            parsed = protocol.parse_completion(body, self._encode, lm.known_tokens,
+                                               lm.block_size)
             return await self._generate(request, parsed, chat=False)
 
         @app.post("/v1/chat/completions")
@@ -212,12 +217,18 @@ class Server:
                 loop.call_soon_threadsafe(queue.put_nowait, (i, update))
             requests.append(Request(prompt=np.asarray(prompt, np.int32), settings=parsed.settings,
                                     emit=emit))
+        sequences = parsed.settings.n * len(requests)
+        if sequences > self.engine.max_queue:  # would never fit: no use retrying
+            raise APIError(400, f"n x prompts = {sequences} sequences, more than this server "
+                           f"queues ({self.engine.max_queue})", param="n")
         try:
             for r in requests:
                 self.engine.submit(r)
-        except QueueFull as e:
+        except (QueueFull, Unavailable) as e:
             for r in requests:
                 self.engine.cancel(r)
+            if isinstance(e, Unavailable):
+                raise APIError(503, str(e), kind="server_error") from None
             raise APIError(429, str(e), code="rate_limit_exceeded",
                            kind="rate_limit_error") from None
         self.metrics.prompt_tokens.inc(sum(len(p) for p in parsed.prompts))
@@ -266,10 +277,18 @@ class Server:
         try:
             async for index, update in updates():
                 choices[index].add(update)
+        except BaseException:  # the client went away (cancelled) or the engine failed
+            cancel()
+            raise
         finally:
             watch.cancel()
         self.metrics.duration.labels(http.url.path).observe(time.perf_counter() - start)
         return self._answer(rid, kind, chat, parsed, requests, choices, n)
+
+    def _prompt_text(self, parsed: protocol.Parsed, i: int) -> str:
+        """Prompt `i` as echoed: the text sent, or its token ids decoded."""
+        text = parsed.texts[i] if parsed.texts else None
+        return text if text is not None else self.lm.tokenizer.decode(parsed.prompts[i])
 
     def _token_text(self, token: int) -> str:
         return self.lm.tokenizer.decode([token])
@@ -286,8 +305,7 @@ class Server:
                 continue
             text, entries = c.text, c.logprobs
             if parsed.settings.echo:
-                prompt_text = self.lm.tokenizer.decode(request.prompt)
-                text = prompt_text + text
+                text = self._prompt_text(parsed, index // n) + text
                 entries = (request.prompt_logprobs or []) + entries
             out.append({"index": index, "text": text, "finish_reason": c.finish_reason,
                         "logprobs": protocol.completion_logprobs(entries, self._token_text)
@@ -307,20 +325,26 @@ class Server:
             yield event([{"index": i, "delta": {"role": "assistant", "content": ""},
                           "logprobs": None, "finish_reason": None}
                          for i in range(n)])
-        elif parsed.settings.echo:
-            for index in range(n * len(requests)):
-                request = requests[index // n]
-                entries = request.prompt_logprobs
-                yield event([{"index": index, "text": self.lm.tokenizer.decode(request.prompt),
-                              "logprobs": protocol.completion_logprobs(entries, self._token_text)
-                              if parsed.settings.logprobs is not None and entries else None,
-                              "finish_reason": None}])
+        offsets: dict[int, int] = {}  # completions: text sent per choice (logprobs' offsets)
         async for index, update in updates:
+            if not chat and index not in offsets:
+                offsets[index] = 0
+                if parsed.settings.echo:  # the prompt first (its log-probabilities are known
+                    text = self._prompt_text(parsed, index // n)  # once the engine sends)
+                    entries = requests[index // n].prompt_logprobs
+                    yield event([{"index": index, "text": text, "finish_reason": None,
+                                  "logprobs": protocol.completion_logprobs(
+                                      entries, self._token_text)
+                                  if parsed.settings.logprobs is not None else None}])
+                    offsets[index] = len(text)
             generated += len(update.tokens)
             logprobs = None
             if parsed.settings.logprobs is not None:
                 logprobs = (protocol.chat_logprobs(update.logprobs, self._token_text) if chat
-                            else protocol.completion_logprobs(update.logprobs, self._token_text))
+                            else protocol.completion_logprobs(update.logprobs, self._token_text,
+                                                              offsets[index]))
+            if not chat:
+                offsets[index] += len(update.text)
             choice = {"index": index, "logprobs": logprobs,
                       "finish_reason": update.finish_reason}
             choice.update({"delta": {"content": update.text} if update.text else {}} if chat
@@ -348,8 +372,7 @@ class Server:
         except ValueError as e:
             raise APIError(400, f"prompt: {e}", param="prompt") from None
         size = next(b for b in IMAGE_BATCHES if b >= n)
-        if seed is None:
-            seed = int.from_bytes(os.urandom(4), "little") >> 1
+        seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed % 2**32
 
         def draw():
             with self._image_lock:
@@ -389,7 +412,8 @@ class _Gate:
             key = Headers(scope=scope).get("authorization")
             if server.draining:
                 refusal = APIError(503, "the server is shutting down", kind="server_error")
-            elif server.api_key and key != f"Bearer {server.api_key}":
+            elif server.api_key and not hmac.compare_digest(
+                    (key or "").encode(), f"Bearer {server.api_key}".encode()):
                 refusal = APIError(401, "Incorrect or missing API key: send Authorization: "
                                    "Bearer KEY", code="invalid_api_key")
         try:
