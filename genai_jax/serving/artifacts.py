@@ -31,6 +31,7 @@ WEIGHTS = "weights.safetensors"
 FORMAT = "genai_jax-export"
 FORMAT_VERSION = 1
 FUNCTION_SUFFIX = ".jax_exported"
+IMAGE_FUNCTION = "generate"  # an image family's one exported function
 
 
 class ExportError(UserError):

@@ -28,7 +28,7 @@ from genai_jax import parallel
 from genai_jax.data.pixels import to_uint8
 from genai_jax.serving import artifacts
 
-FUNCTION = "generate"
+FUNCTION = artifacts.IMAGE_FUNCTION
 
 
 def sampler_settings(config, kind: str) -> dict:

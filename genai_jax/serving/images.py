@@ -22,7 +22,7 @@ from PIL import Image
 
 from genai_jax.serving import artifacts
 
-FUNCTION = "generate"
+FUNCTION = artifacts.IMAGE_FUNCTION
 
 
 class ImageGenerator:
