@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from genai_jax.data import DataError, LMBatches, Tokenizer, load_text, sequential_batches
+from genai_jax.data import DataError, Tokenizer, load_text, sequential_batches
+from genai_jax.data.lm_batches import windows
 from tests.conftest import tiny_lm_config
 
 
@@ -36,7 +37,7 @@ def test_text_file_split_is_90_10(text_file):
 
 def test_batches_are_a_function_of_seed_and_step(text_file):
     tokens = load_text(tiny_lm_config(**{"data.path": str(text_file)}).data).train
-    a, b = LMBatches(tokens, 8, 16, seed=3), LMBatches(tokens, 8, 16, seed=3)
+    a, b = windows(tokens, 8, 16, seed=3), windows(tokens, 8, 16, seed=3)
     np.testing.assert_array_equal(a.batch(5)["inputs"], b.batch(5)["inputs"])
     assert not np.array_equal(a.batch(5)["inputs"], a.batch(6)["inputs"])
     batch = a.batch(5)
@@ -104,3 +105,39 @@ def test_empty_and_missing_text_files(tmp_path):
         load_text(tiny_lm_config(**{"data.path": str(empty)}).data)
     with pytest.raises(DataError, match="is not a file"):
         load_text(tiny_lm_config(**{"data.path": str(tmp_path / "nope.txt")}).data)
+
+
+def test_pipeline_reads_ahead_the_batches_of_each_step():
+    """What the trainer reads through Grain (threads or worker processes, any number of hosts)
+    is `batch(step)`, stacked `steps_per_call` at a time."""
+    batches = windows(np.arange(5000) % 251, 8, 16, seed=3)
+    expected = [np.stack([batches.batch(s)["inputs"] for s in (i, i + 1)]) for i in (4, 6, 8)]
+    for workers, prefetch in ((0, 0), (0, 2), (2, 1)):
+        got = [x["inputs"] for x in batches.iterator(4, 10, steps_per_call=2, workers=workers,
+                                                     prefetch=prefetch)]
+        np.testing.assert_array_equal(np.stack(got), np.stack(expected))
+    halves = [np.stack([x["inputs"] for x in batches.iterator(4, 10, steps_per_call=2,
+                                                              process_index=i, process_count=2)])
+              for i in range(2)]
+    np.testing.assert_array_equal(np.concatenate(halves, axis=2), np.stack(expected))
+
+
+def test_packed_windows_start_documents_and_never_cross_them():
+    rng = np.random.default_rng(0)
+    eos = 0
+    docs = [rng.integers(1, 50, rng.integers(3, 30)) for _ in range(300)]
+    stream = np.concatenate([np.append(d, eos) for d in docs])
+    batch = windows(stream, 16, 24, seed=1, end_of_document=eos).batch(2)
+    starts = set(np.concatenate([[0], np.cumsum([len(d) + 1 for d in docs])]))
+    for row in range(16):
+        inputs, seg, pos, mask = (batch[k][row] for k in ("inputs", "segment_ids", "positions",
+                                                          "loss_mask"))
+        assert seg[0] == 1 and pos[0] == 0 and np.all(np.diff(seg) >= 0)
+        # a new segment begins right after each end of document, with position 0
+        new = np.flatnonzero(np.diff(seg)) + 1
+        np.testing.assert_array_equal(new, np.flatnonzero(inputs[:-1] == eos) + 1)
+        assert np.all(pos[new] == 0) and np.all(np.diff(pos)[np.diff(seg) == 0] == 1)
+        np.testing.assert_array_equal(mask, inputs != eos)
+        # the window starts where a document does
+        offset = next(o for o in starts if np.array_equal(stream[o:o + 24], inputs))
+        assert offset in starts

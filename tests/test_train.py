@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 
@@ -11,7 +12,7 @@ import pytest
 
 from genai_jax.errors import UserError
 from genai_jax.train import TrainingDiverged, prepare, read_metrics, train
-from tests.conftest import tiny_lm_config
+from tests.conftest import overridden, tiny_lm_config
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +81,22 @@ def test_resumed_run_equals_uninterrupted_run(trained, tmp_path):
     # step 20 logs the mean over steps 16-20 in both runs
     assert parts[20]["train/loss"] == pytest.approx(full[20]["train/loss"], rel=1e-6)
     assert parts[20]["eval/loss"] == pytest.approx(full[20]["eval/loss"], rel=1e-6)
+    pairs = zip(jax.tree.leaves(resumed.state.params),
+                jax.tree.leaves(uninterrupted.state.params), strict=True)
+    for a, b in pairs:
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_resume_with_data_workers_equals_uninterrupted_run(trained, tmp_path):
+    """The batches of a step are the same whether worker processes read them or not, and
+    however many: part of a run read by one worker and the rest by two ends where a run read
+    in the training process does."""
+    uninterrupted, config, _ = trained
+    with_workers = lambda n: overridden(copy.deepcopy(config).unlock(), {"data.workers": n})
+    train(with_workers(1), tmp_path, progress=False, stop_at_step=12)
+    resumed = train(with_workers(2), tmp_path, progress=False)
+    waits = [m["train/data_wait_ms"] for m in read_metrics(tmp_path) if "train/loss" in m]
+    assert waits and all(w >= 0 for w in waits)
     pairs = zip(jax.tree.leaves(resumed.state.params),
                 jax.tree.leaves(uninterrupted.state.params), strict=True)
     for a, b in pairs:

@@ -1,6 +1,7 @@
 """Data sets (TFDS data sources) and the input pipeline (batches of numpy arrays)."""
 
-from genai_jax.data.lm_batches import LMBatches, eval_batches, sequential_batches
+from genai_jax.data.lm_batches import eval_batches, sequential_batches
+from genai_jax.data.loader import Batches
 from genai_jax.data.pipeline import Pipeline, build
 from genai_jax.data.text import TextData, load_text
 from genai_jax.errors import DataError
@@ -14,16 +15,19 @@ from genai_jax.tokenization import (
 
 def defaults(modality: str) -> dict:
     """The `data.*` config keys of a data modality ("text" or "image")."""
-    common = dict(path="", data_dir="", validation_fraction=0.1)
+    # workers: reader processes (0: a thread of the training process); prefetch: stacks of
+    # batches read ahead (per worker). The defaults suit a 2-core machine.
+    common = dict(path="", data_dir="", validation_fraction=0.1, workers=0, prefetch=2)
     if modality == "text":
         return dict(name="stdlib_code", tokenizer="byte", train_split="train",
-                    eval_split="validation", text_key="text", **common)
+                    eval_split="validation", text_key="text", packing=False, mixture="",
+                    **common)
     # name: "digits" (embedded), "mnist_idx" / "image_folder" (data.path), a toy
     # ("ring8", "moons", "swiss_roll"), or a TFDS catalog name ("mnist", "cifar10", ...).
     return dict(name="digits", train_split="train", eval_split="test", image_key="image",
                 label_key="label", num_points=20_000, **common)
 
 
-__all__ = ["DataError", "HFTokenizer", "LMBatches", "Pipeline", "TextData", "Tokenizer", "build",
+__all__ = ["Batches", "DataError", "HFTokenizer", "Pipeline", "TextData", "Tokenizer", "build",
            "defaults", "eval_batches", "load_text", "load_tokenizer", "make_tokenizer",
            "sequential_batches"]

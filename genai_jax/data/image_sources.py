@@ -50,6 +50,9 @@ class ArraySource:
     def get(self, indices: np.ndarray) -> dict:
         return {"x": self.x[indices], "label": self.label[indices]}
 
+    def __getitem__(self, index: int) -> dict:
+        return {"x": self.x[index], "label": self.label[index]}
+
 
 class TfdsSource:
     """A TFDS data source split read lazily by index (for catalog sets too big to hold)."""
@@ -61,11 +64,13 @@ class TfdsSource:
         return len(self._source)
 
     def get(self, indices: np.ndarray) -> dict:
-        rows = [self._source[int(i)] for i in indices]
-        x = np.stack([np.asarray(r[self._image_key], np.uint8) for r in rows])
-        label = np.array([int(r[self._label_key]) if self._label_key else 0 for r in rows],
-                         np.int32)
-        return {"x": x, "label": label}
+        rows = [self[int(i)] for i in indices]
+        return {k: np.stack([r[k] for r in rows]) for k in ("x", "label")}
+
+    def __getitem__(self, index: int) -> dict:
+        row = self._source[index]
+        return {"x": np.asarray(row[self._image_key], np.uint8),
+                "label": np.int32(row[self._label_key] if self._label_key else 0)}
 
 
 class Digits(tfds.core.GeneratorBasedBuilder):

@@ -15,8 +15,8 @@ import dataclasses
 import numpy as np
 
 from genai_jax.data import image_sources, toys
+from genai_jax.data.loader import Batches, epochs
 from genai_jax.errors import DataError
-from genai_jax.parallel.sharding import process_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,37 +60,11 @@ def load_images(data_cfg, seed: int = 0) -> ImageData:
                      where, names or None)
 
 
-@dataclasses.dataclass(frozen=True)
-class ImageBatches:
-    """`batch(step)`: rows of the global batch of `step`; epochs are seeded permutations, so
-    every example is seen once per epoch and the batches are a pure function of (seed, step)."""
-
-    source: image_sources.ArraySource | image_sources.TfdsSource
-    batch_size: int
-    seed: int
-    _permutations: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
-
-    def indices(self, step: int) -> np.ndarray:
-        n = len(self.source)
-        flat = step * self.batch_size + np.arange(self.batch_size)
-        epochs, positions = np.divmod(flat, n)
-        out = np.empty(self.batch_size, np.int64)
-        for epoch in np.unique(epochs):
-            rows = epochs == epoch
-            out[rows] = self._permutation(int(epoch))[positions[rows]]
-        return out
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._permutations:
-            if len(self._permutations) > 2:  # a batch touches at most two epochs
-                self._permutations.clear()
-            rng = np.random.default_rng([self.seed, epoch])
-            self._permutations[epoch] = rng.permutation(len(self.source))
-        return self._permutations[epoch]
-
-    def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> dict:
-        rows = process_rows(self.indices(step), process_index, process_count)
-        return self.source.get(rows)
+def image_batches(source, batch_size: int, seed: int) -> Batches:
+    """Batches of `source` epoch by epoch, each epoch in a fresh seeded order (Grain's global
+    shuffle), so every example is seen once per epoch and a batch is a pure function of
+    (seed, step)."""
+    return Batches(epochs(source, seed), batch_size)
 
 
 def eval_batches(source, batch_size: int, max_batches: int) -> list[dict]:

@@ -23,8 +23,8 @@ import pathlib
 import numpy as np
 from absl import logging
 
+from genai_jax.data.loader import Batches, Rows, epochs
 from genai_jax.errors import DataError
-from genai_jax.parallel.sharding import process_rows
 
 FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
@@ -142,28 +142,10 @@ def pack(examples: list[Example], block_size: int) -> dict[str, np.ndarray]:
     return out
 
 
-@dataclasses.dataclass(frozen=True)
-class PackedBatches:
-    """`batch(step)`: rows of packed windows, epoch by epoch in a fresh order (a pure function
-    of (seed, step), like `LMBatches`, so resumed runs see the same batches)."""
-
-    windows: dict[str, np.ndarray]
-    batch_size: int
-    seed: int
-
-    def rows(self, step: int) -> np.ndarray:
-        n = len(self.windows["inputs"])
-        flat = step * self.batch_size + np.arange(self.batch_size)
-        epochs = flat // n
-        out = np.empty(self.batch_size, np.int64)
-        for epoch in np.unique(epochs):
-            order = np.random.default_rng([self.seed, int(epoch)]).permutation(n)
-            out[epochs == epoch] = order[flat[epochs == epoch] % n]
-        return out
-
-    def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> dict:
-        rows = process_rows(self.rows(step), process_index, process_count)
-        return {k: v[rows] for k, v in self.windows.items()}
+def packed_batches(windows: dict[str, np.ndarray], batch_size: int, seed: int) -> Batches:
+    """Batches of packed windows, epoch by epoch in a fresh seeded order (a pure function of
+    (seed, step), like every training pipeline, so resumed runs see the same batches)."""
+    return Batches(epochs(Rows(windows), seed), batch_size)
 
 
 @dataclasses.dataclass(frozen=True)

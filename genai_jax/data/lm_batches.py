@@ -1,51 +1,98 @@
-"""Deterministic language-model batches: random windows of a token stream, a pure function of
-(seed, step), so a resumed run sees exactly the batches of an uninterrupted one and every host
-can cut its own rows of the global batch without talking to the others."""
+"""Language-model examples as Grain data sets: windows of a token stream drawn at random, a pure
+function of (seed, example index) (`genai_jax.data.loader`), so a resumed run sees exactly the
+batches of an uninterrupted one and every host cuts its own rows without talking to the others.
+
+A window is `{"inputs", "targets"}` int32 `[block_size]`. With packing (`data.packing=true`) a
+window starts at the beginning of a document and carries `segment_ids` (1, 2, ... per document
+in it), `positions` that restart at 0 with each document and a `loss_mask` that leaves out the
+pairs whose input ends a document (the next document's first token is not predictable from it):
+attention never crosses documents, and neither does the loss.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 
+import grain
 import numpy as np
 
+from genai_jax.data.loader import ENDLESS, Batches
 from genai_jax.errors import DataError
-from genai_jax.parallel.sharding import process_rows
+
+PACKED_FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 
 @dataclasses.dataclass(frozen=True)
-class LMBatches:
-    """`batch(step)`: `{"inputs", "targets"}` int32 `[batch_size, block_size]` windows."""
+class Window:
+    """A Grain random map: a window of `tokens` (any int array or array-like read by slices) at
+    a random offset; packed: from the first document start at or after it."""
 
     tokens: np.ndarray
-    batch_size: int
     block_size: int
-    seed: int
+    end_of_document: int | None = None  # the token that ends each document (packing)
 
     def __post_init__(self):
         if len(self.tokens) <= self.block_size + 1:
             raise DataError(f"a split of {len(self.tokens)} tokens is too short for windows of "
-                             f"model.block_size={self.block_size}")
+                            f"model.block_size={self.block_size}")
 
-    def offsets(self, step: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, step])
-        return rng.integers(0, len(self.tokens) - self.block_size - 1, self.batch_size)
+    def __call__(self, index, rng: np.random.Generator) -> dict:
+        del index
+        n, block = len(self.tokens), self.block_size
+        offset = int(rng.integers(0, n - block - 1))
+        if self.end_of_document is None:
+            return window(self.tokens, offset, block)
+        # The first document that starts in [offset, offset + block): a document starts after
+        # an end-of-document token (or at 0); with none there, the window starts mid-document.
+        ahead = np.asarray(self.tokens[max(offset - 1, 0):offset + block - 1])
+        ends = np.flatnonzero(ahead == self.end_of_document)
+        if offset and len(ends):
+            offset = min(max(offset - 1, 0) + int(ends[0]) + 1, n - block - 1)
+        return packed_window(self.tokens, offset, block, self.end_of_document)
 
-    def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> dict:
-        """Rows of the global batch for `step` that belong to `process_index`."""
-        offsets = process_rows(self.offsets(step), process_index, process_count)
-        return windows(self.tokens, offsets, self.block_size)
+
+def window(tokens, offset: int, block_size: int) -> dict:
+    seq = np.asarray(tokens[offset:offset + block_size + 1]).astype(np.int32)
+    return {"inputs": seq[:-1], "targets": seq[1:]}
 
 
-def windows(tokens: np.ndarray, offsets: np.ndarray, block_size: int) -> dict:
-    idx = offsets[:, None] + np.arange(block_size + 1)
-    seq = tokens[idx].astype(np.int32)
-    return {"inputs": seq[:, :-1], "targets": seq[:, 1:]}
+def packed_window(tokens, offset: int, block_size: int, end_of_document: int) -> dict:
+    out = window(tokens, offset, block_size)
+    ends = out["inputs"] == end_of_document
+    # A document's end-of-document token is its last: the segment changes after it.
+    segment = np.concatenate([[0], np.cumsum(ends[:-1])]).astype(np.int32)
+    starts = np.flatnonzero(np.diff(segment, prepend=-1))
+    positions = np.arange(block_size) - starts[segment]
+    return {**out, "loss_mask": (~ends).astype(np.float32), "segment_ids": segment + 1,
+            "positions": positions.astype(np.int32)}
 
 
-def eval_batches(tokens: np.ndarray, batch_size: int, block_size: int, num_batches: int,
-                 seed: int) -> list[dict]:
-    """A fixed set of random validation windows (nanoGPT's `estimate_loss`)."""
-    source = LMBatches(tokens, batch_size, block_size, seed)
+def window_examples(tokens, block_size: int, seed: int, end_of_document: int | None = None):
+    """Random windows of `tokens` as an endless Grain data set (packed when `end_of_document`
+    is given): example `i` is drawn with Grain's generator for (seed, i)."""
+    return grain.MapDataset.range(ENDLESS).seed(seed).random_map(
+        Window(tokens, block_size, end_of_document))
+
+
+def windows(tokens, batch_size: int, block_size: int, seed: int,
+            end_of_document: int | None = None) -> Batches:
+    """Batches of random windows of `tokens` (packed when `end_of_document` is given)."""
+    return Batches(window_examples(tokens, block_size, seed, end_of_document), batch_size)
+
+
+def mixture(streams: list, weights: list[float], batch_size: int, block_size: int, seed: int,
+            end_of_document: int | None = None) -> Batches:
+    """Batches whose examples come from several token streams in the proportions `weights`
+    (Grain's `MapDataset.mix`: source and example are functions of the example index), each
+    stream's windows drawn with a seed of its own."""
+    sources = [window_examples(s, block_size, seed + 7919 * i, end_of_document)
+               for i, s in enumerate(streams)]
+    return Batches(grain.MapDataset.mix(sources, weights), batch_size)
+
+
+def eval_batches(source: Batches, num_batches: int) -> list[dict]:
+    """The first `num_batches` batches of `source`: a fixed set of random validation windows
+    (nanoGPT's `estimate_loss`)."""
     return [source.batch(i) for i in range(num_batches)]
 
 
@@ -60,6 +107,9 @@ def sequential_batches(tokens: np.ndarray, batch_size: int, block_size: int,
     if n_batches == 0:
         raise DataError(f"the validation split ({len(tokens)} tokens) is shorter than one batch "
                          f"of {batch_size} x {block_size} tokens")
-    starts = np.arange(n_batches * batch_size) * block_size
-    return [windows(tokens, starts[i * batch_size:(i + 1) * batch_size], block_size)
-            for i in range(n_batches)]
+    out = []
+    for i in range(n_batches):
+        rows = [window(tokens, (i * batch_size + r) * block_size, block_size)
+                for r in range(batch_size)]
+        out.append({k: np.stack([r[k] for r in rows]) for k in rows[0]})
+    return out

@@ -6,25 +6,29 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from typing import Any
 
-from genai_jax.data import instructions
-from genai_jax.data.images import ImageBatches, load_images
+from genai_jax.data import instructions, lm_batches, shards
 from genai_jax.data.images import eval_batches as image_eval_batches
-from genai_jax.data.lm_batches import LMBatches, eval_batches
+from genai_jax.data.images import image_batches, load_images
+from genai_jax.data.loader import Batches
 from genai_jax.data.text import load_text
-from genai_jax.tokenization.tokenizers import DataError, load_tokenizer, make_tokenizer
+from genai_jax.tokenization.tokenizers import (
+    DataError,
+    end_of_document,
+    load_tokenizer,
+    make_tokenizer,
+)
 
 IMAGE_INFO_FILE = "data_info.json"  # the example shape and classes a saved image model expects
 
 
 @dataclasses.dataclass(frozen=True)
 class Pipeline:
-    """`train.batch(step, process_index, process_count)` gives this process's rows of the global
-    batch of `step` as numpy arrays; `eval` is a fixed list of global batches; `info` is what the
-    model family needs (e.g. the tokenizer)."""
+    """`train` gives the global batch of each step (`loader.Batches`: `batch(step,
+    process_index, process_count)` for one, `iterator(...)` to read ahead); `eval` is a fixed
+    list of global batches; `info` is what the model family needs (e.g. the tokenizer)."""
 
-    train: Any
+    train: Batches
     eval: list[dict]
     info: dict
 
@@ -50,10 +54,21 @@ def build(config, modality: str, workdir: pathlib.Path | None = None) -> Pipelin
     eval_batch = config.eval.batch_size or batch
     if config.data.name == "instructions":
         return _instruction_pipeline(config, saved, eval_batch)
+    if config.data.name == "array_record":
+        return _array_record_pipeline(config, saved, eval_batch)
+    if config.data.mixture:
+        raise DataError("data.mixture mixes prepared directories: set "
+                        "data.name='array_record' (experiments.prepare_data writes them)")
     text = load_text(config.data, saved)
+    end = end_of_document(text.tokenizer) if config.data.packing else None
+    if config.data.packing and end is None:
+        raise DataError(f"data.packing=true needs an end-of-document token, and the "
+                        f"{config.data.tokenizer!r} tokenizer has none")
     return Pipeline(
-        train=LMBatches(text.train, batch, block, config.seed),
-        eval=eval_batches(text.validation, eval_batch, block, config.eval.steps, config.seed + 1),
+        train=lm_batches.windows(text.train, batch, block, config.seed, end),
+        eval=lm_batches.eval_batches(
+            lm_batches.windows(text.validation, eval_batch, block, config.seed + 1, end),
+            config.eval.steps),
         info={"tokenizer": text.tokenizer, "bytes_per_token": text.bytes_per_token,
               "validation_tokens": text.validation})
 
@@ -66,10 +81,83 @@ def _instruction_pipeline(config, tokenizer, eval_batch: int) -> Pipeline:
     data = instructions.load_instructions(config.data, tokenizer, config.model.block_size,
                                           config.seed)
     return Pipeline(
-        train=instructions.PackedBatches(data.train, config.train.batch_size, config.seed),
+        train=instructions.packed_batches(data.train, config.train.batch_size, config.seed),
         eval=instructions.eval_batches(data.validation, eval_batch, config.eval.steps),
         info={"tokenizer": tokenizer, "bytes_per_token": data.bytes_per_token,
               "validation_windows": data.validation})
+
+
+def _array_record_pipeline(config, saved, eval_batch: int) -> Pipeline:
+    """Windows of the token streams `experiments.prepare_data` wrote to data.path (or to each
+    directory of `data.mixture`, drawn in its proportions), read from the shards as they are
+    needed (`shards.TokenStream`)."""
+    sources = _mixture(config.data) if config.data.mixture else [(config.data.path, 1.0)]
+    streams, weights, bytes_per_token, fingerprints = [], [], 0.0, set()
+    for path, weight in sources:
+        directory, index, tokenizer = _prepared(config, path, saved)
+        fingerprints.add(index["tokenizer_sha256"])
+        split_streams = {s: shards.TokenStream(directory, index, s) for s in shards.SPLITS}
+        for stream in split_streams.values():
+            stream.check()
+        streams.append(split_streams)
+        weights.append(weight)
+        validation = index["splits"]["validation"]
+        bytes_per_token += weight * validation["bytes"] / validation["tokens"]
+    if len(fingerprints) > 1:
+        raise DataError(f"the directories of data.mixture={config.data.mixture!r} were "
+                        "tokenised with different vocabularies: prepare them with one tokenizer")
+    end = index["end_of_document"] if config.data.packing else None
+    block, batch = config.model.block_size, config.train.batch_size
+    windows = lambda split, size, seed: lm_batches.mixture(
+        [s[split] for s in streams], weights, size, block, seed, end)
+    return Pipeline(
+        train=windows("train", batch, config.seed),
+        eval=lm_batches.eval_batches(windows("validation", eval_batch, config.seed + 1),
+                                     config.eval.steps),
+        info={"tokenizer": saved or tokenizer, "bytes_per_token": bytes_per_token / sum(weights),
+              "validation_tokens": streams[0]["validation"]})
+
+
+def _mixture(data_cfg) -> list[tuple[str, float]]:
+    """`data.mixture="DIR:WEIGHT,DIR:WEIGHT,..."` -> [(DIR, weight), ...]."""
+    sources = []
+    for part in (p.strip() for p in data_cfg.mixture.split(",") if p.strip()):
+        path, sep, weight = part.rpartition(":")
+        try:
+            value = float(weight)
+        except ValueError:
+            value = -1.0
+        if not sep or not path or not value > 0:
+            raise DataError(f"data.mixture part {part!r} is not DIR:WEIGHT with a positive "
+                            "weight (e.g. data.mixture=/data/web:0.7,/data/code:0.3)")
+        sources.append((path, value))
+    if not sources:
+        raise DataError(f"data.mixture={data_cfg.mixture!r} names no directory")
+    return sources
+
+
+def _prepared(config, path: str, saved):
+    """(directory, index, tokenizer) of a prepared directory, checked against the config's
+    tokenizer and the run's saved one."""
+    if not path:
+        raise DataError("data.name='array_record' needs data.path: pass "
+                        "--config.data.path=DIR (written by experiments.prepare_data)")
+    directory = pathlib.Path(path).expanduser()
+    index = shards.read_index(directory)
+    if index["kind"] != "text":
+        raise DataError(f"{directory} holds {index['kind']} data, not text")
+    if config.data.tokenizer != index["tokenizer"]:
+        raise DataError(f"{directory} was tokenised with {index['tokenizer']!r} and the config "
+                        f"has data.tokenizer={config.data.tokenizer!r}: set "
+                        f"--config.data.tokenizer={index['tokenizer']} or prepare the data again")
+    tokenizer = load_tokenizer(directory)
+    if tokenizer is None:
+        raise DataError(f"{directory} has no tokenizer files: prepare the data again")
+    if saved is not None and shards.tokenizer_sha256(saved) != index["tokenizer_sha256"]:
+        raise DataError(f"{directory} was tokenised with another {index['tokenizer']!r} "
+                        "tokenizer than this run's (another vocabulary): use the data the run "
+                        "was trained on, or a new --workdir")
+    return directory, index, tokenizer
 
 
 def _shape_info(info: dict) -> dict:
@@ -86,6 +174,6 @@ def _image_pipeline(config, workdir: pathlib.Path | None) -> Pipeline:
                             f"{data.description} gives {found}: use a new --workdir or the "
                             "data it was trained on")
     eval_batch = config.eval.batch_size or config.train.batch_size
-    return Pipeline(train=ImageBatches(data.train, config.train.batch_size, config.seed),
+    return Pipeline(train=image_batches(data.train, config.train.batch_size, config.seed),
                     eval=image_eval_batches(data.validation, eval_batch, config.eval.steps),
                     info=data.info)

@@ -300,6 +300,16 @@ def make_tokenizer(spec: str, text: bytes, source: str = "the data") -> AnyToken
     return train_bpe(text, int(arg), source)
 
 
+def end_of_document(tokenizer) -> int | None:
+    """The token that ends each document of a stream: NUL for byte/char tokenizers (when the
+    vocabulary has it), else the tokenizer's document separator (EOS, else BOS)."""
+    if getattr(tokenizer, "kind", None) == "byte":
+        return 0
+    if getattr(tokenizer, "kind", None) == "char":
+        return tokenizer.chars.find("\0") if "\0" in tokenizer.chars else None
+    return tokenizer.document_separator
+
+
 def parse_spec(spec: str) -> tuple[str, str]:
     """`data.tokenizer` -> (kind, argument): ("hf", DIR), ("bpe", N), ("byte", "") ...; one
     DataError line listing the accepted forms when it is none of them. Checks the form only:

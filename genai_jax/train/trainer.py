@@ -66,11 +66,21 @@ class Run:
         return NamedSharding(self.mesh, PartitionSpec(None, *self.batch_sharding.spec))
 
     def global_batches(self, step: int) -> dict:
-        """The batches of the `steps_per_call` steps from `step`, stacked: `[k, batch, ...]`."""
-        rows = [self.pipeline.train.batch(s, jax.process_index(), jax.process_count())
-                for s in range(step, step + self.steps_per_call)]
-        stacked = jax.tree.map(lambda *xs: np.stack(xs), *rows)
+        """The batches of the `steps_per_call` steps from `step`, stacked: `[k, batch, ...]`
+        (read at once; the training loop reads ahead with `batch_stream`)."""
+        rows = self.pipeline.train.steps(step, self.steps_per_call, jax.process_index(),
+                                         jax.process_count())
+        stacked = jax.tree.map(lambda *xs: np.stack(xs), *[rows[i] for i in range(len(rows))])
         return parallel.global_batch(stacked, self.stacked_batch_sharding)
+
+    def batch_stream(self, step: int):
+        """This process's stacked batches of the calls from `step` to `train.steps`, read ahead
+        by the Grain pipeline (`data.workers`, `data.prefetch`): what `global_batches` gives
+        call by call, without waiting for it."""
+        return self.pipeline.train.iterator(
+            step, self.config.train.steps, steps_per_call=self.steps_per_call,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+            workers=self.config.data.workers, prefetch=self.config.data.prefetch)
 
     def on_mesh(self, fn):
         """`fn` traced with the run's activation shardings (`parallel.constrain` in model code)."""
@@ -351,8 +361,15 @@ def _loop(run: Run, progress: bool, stop_at_step: int | None) -> None:
         cleanup.callback(writer.close)
         cleanup.callback(bar.close)
         cleanup.callback(run.checkpointer.wait)  # a save in flight always completes
+        stream = run.batch_stream(step)
+        cleanup.callback(_close, stream)
+        data_wait = 0.0  # seconds this process waited for the pipeline, this log window
         while step < steps:
-            run.state, metrics = train_step(run.state, run.global_batches(step))
+            t_wait = time.perf_counter()
+            rows = next(stream)
+            data_wait += time.perf_counter() - t_wait
+            batches = parallel.global_batch(rows, run.stacked_batch_sharding)
+            run.state, metrics = train_step(run.state, batches)
             step += k
             pending.append((step, metrics))
             if stop_at_step is not None and step >= stop_at_step:
@@ -375,6 +392,8 @@ def _loop(run: Run, progress: bool, stop_at_step: int | None) -> None:
                           for name in fetched[-1][1]}
                 record[throughput] = (tokens_per_step * (step - window_step)
                                       / (time.perf_counter() - window_start))
+                record["train/data_wait_ms"] = 1000 * data_wait / (step - window_step)
+                data_wait = 0.0
                 if window_step == run.start_step:
                     record["train/compile_s"] = compile_s
                 if do_eval:
@@ -387,7 +406,9 @@ def _loop(run: Run, progress: bool, stop_at_step: int | None) -> None:
                                 per_s=f"{record[throughput]:.0f}", refresh=False)
             bar.update(k)
             if do_ckpt:
-                run.checkpointer.save(step, run.state, {"data_step": step})
+                # The pipeline's position: batches are a function of (seed, step).
+                run.checkpointer.save(step, run.state, {
+                    "data_step": step, "data_example": step * cfg.train.batch_size})
                 good_step = step
             if do_log:
                 window_start, window_step = time.perf_counter(), step
@@ -396,6 +417,13 @@ def _loop(run: Run, progress: bool, stop_at_step: int | None) -> None:
                                 "resume", stopping, step)
                 break
     run.start_step = step
+
+
+def _close(stream) -> None:
+    """Stop the pipeline's reader threads and worker processes now, not at garbage collection."""
+    close = getattr(stream, "close", None)
+    if close is not None:
+        close()
 
 
 @contextlib.contextmanager

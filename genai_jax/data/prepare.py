@@ -1,0 +1,334 @@
+"""Text files and JSONL into tokenised ArrayRecord shards (`genai_jax.data.shards`), in parallel
+over CPU cores, resumable.
+
+Inputs: `*.jsonl` / `*.json` files hold one document per line (its `text_key` field); any other
+file is one UTF-8 document (or any bytes, for the byte tokenizer). A JSONL document goes to the
+validation split when a hash of its file and byte offset falls in the last
+`validation_fraction` of the buckets (stable whatever the order or number of workers); a file
+that is a single document gives the last `validation_fraction` of its bytes (cut at a line) to
+validation, as `data.name="text_file"` does.
+
+The files are cut into work units of about `unit_bytes` at line boundaries; unit N writes
+`train-N.array_record` and `validation-N.array_record` and then `progress/N.json` with its
+counts, each by a rename of a complete file, so a killed preparation resumes where it stopped
+and never leaves a half-written shard under its final name. `index.json` comes last.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import pathlib
+import time
+
+import numpy as np
+
+from genai_jax.data import shards
+from genai_jax.errors import DataError
+from genai_jax.tokenization.tokenizers import (
+    DOCUMENT_SEPARATOR,
+    end_of_document,
+    load_tokenizer,
+    make_tokenizer,
+    parse_spec,
+)
+
+JSONL_SUFFIXES = (".jsonl", ".json")
+UNIT_BYTES = 64 << 20
+PIECE_BYTES = 1 << 20  # text handed to a tokenizer at once (bounds its per-token bookkeeping)
+BPE_SAMPLE_BYTES = 64 << 20  # the training text a new BPE learns from
+PROGRESS = "progress"
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    number: int
+    path: str
+    start: int  # bytes [start, end) of the file, whole lines
+    end: int
+    jsonl: bool
+    cut: int  # single-document files: where validation begins (bytes); else -1
+
+
+def prepare_text(inputs: list[pathlib.Path], out: pathlib.Path, tokenizer_spec: str, *,
+                 validation_fraction: float = 0.1, text_key: str = "text",
+                 workers: int = 0, unit_bytes: int = UNIT_BYTES, log=print) -> dict:
+    """Prepare `inputs` into `out`; returns the index. `workers=0`: one per CPU core."""
+    if not inputs:
+        raise DataError("no input files")
+    if not 0.0 < validation_fraction < 1.0:
+        raise DataError(f"validation_fraction={validation_fraction} must be in (0, 1)")
+    if unit_bytes < 1:
+        raise DataError(f"work units of {unit_bytes} bytes: give a positive size")
+    parse_spec(tokenizer_spec)
+    out = pathlib.Path(out).expanduser()
+    settings = {"tokenizer": tokenizer_spec, "validation_fraction": validation_fraction,
+                "text_key": text_key, "unit_bytes": unit_bytes,
+                "inputs": [{"path": str(p.resolve()), "bytes": p.stat().st_size}
+                           for p in inputs]}
+    _claim(out, settings)
+    workers = workers or os.cpu_count() or 1
+    units = _units(inputs, unit_bytes, validation_fraction)
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(min(workers, len(units)),
+                                                mp_context=context) as pool:
+        tokenizer = load_tokenizer(out)
+        if tokenizer is None:
+            tokenizer = _new_tokenizer(tokenizer_spec, inputs, units, text_key, pool)
+            tokenizer.save(out)
+        if tokenizer.vocab_size > 2**32:
+            raise DataError(f"a vocabulary of {tokenizer.vocab_size} does not fit uint32")
+        eos = end_of_document(tokenizer)
+        if eos is None:
+            raise DataError(f"the {tokenizer_spec!r} tokenizer has no end-of-document token")
+        todo = [u for u in units if not _done(out, u)]
+        log(f"{len(units) - len(todo)} of {len(units)} units already prepared; "
+            f"{len(todo)} to go on {min(workers, len(units))} processes")
+        t0, size = time.perf_counter(), sum(u.end - u.start for u in todo)
+        futures = [pool.submit(_prepare_unit, u, out, tokenizer, eos, validation_fraction,
+                               text_key) for u in todo]
+        for future in concurrent.futures.as_completed(futures):
+            future.result()
+        seconds = time.perf_counter() - t0
+    if todo:
+        log(f"prepared {size / 1e6:.1f} MB in {seconds:.1f} s ({size / 1e6 / seconds:.1f} MB/s)")
+    index = _index(out, units, tokenizer, eos, settings)
+    tmp = out / (shards.INDEX + ".tmp")
+    tmp.write_text(json.dumps(index, indent=1) + "\n")
+    tmp.rename(out / shards.INDEX)
+    return index
+
+
+def _claim(out: pathlib.Path, settings: dict) -> None:
+    """Start or resume a preparation in `out`: refused (nothing touched) when `out` holds
+    something else, or a preparation with other settings."""
+    record = out / PROGRESS / "settings.json"
+    if record.is_file():
+        previous = json.loads(record.read_text())
+        if previous != settings:
+            changed = sorted(k for k in settings if previous.get(k) != settings[k])
+            raise DataError(f"--out {out} holds a preparation with other {', '.join(changed)}: "
+                            "use a new --out, or the same settings to resume it")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise DataError(f"--out {out} is not empty and holds no preparation: use a new --out")
+    (out / PROGRESS).mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(settings, indent=1) + "\n")
+
+
+def _units(inputs: list[pathlib.Path], unit_bytes: int, fraction: float) -> list[Unit]:
+    units = []
+    for path in inputs:
+        size = path.stat().st_size
+        if size == 0:
+            raise DataError(f"input {path} is empty")
+        jsonl = path.suffix.lower() in JSONL_SUFFIXES
+        cut = -1 if jsonl else _line_start(path, int(size * (1 - fraction)))
+        bounds = [0]
+        while bounds[-1] < size:
+            bounds.append(_line_start(path, bounds[-1] + unit_bytes))
+        bounds[-1] = size
+        if not jsonl and cut not in bounds:  # a unit never straddles the validation cut
+            bounds = sorted({*bounds, cut})
+        for start, end in zip(bounds, bounds[1:], strict=False):
+            if end > start:
+                units.append(Unit(len(units), str(path), start, end, jsonl, cut))
+    return units
+
+
+def _line_start(path: pathlib.Path, at: int) -> int:
+    """The first line start at or after byte `at` (the file's size when none is)."""
+    size = path.stat().st_size
+    if at <= 0 or at >= size:
+        return min(max(at, 0), size)
+    with path.open("rb") as f:
+        f.seek(at - 1)
+        while True:
+            block = f.read(1 << 16)
+            if not block:
+                return size
+            newline = block.find(b"\n")
+            if newline >= 0:
+                return min(f.tell() - len(block) + newline + 1, size)
+
+
+def _new_tokenizer(spec: str, inputs, units, text_key: str, pool):
+    kind, _ = parse_spec(spec)
+    if kind == "char":  # every character of every input, and NUL (the end of a document)
+        chars = set("\0")
+        for found in pool.map(_characters, units, [text_key] * len(units)):
+            chars |= found
+        return make_tokenizer(spec, "".join(sorted(chars)).encode("utf-8"), "the inputs")
+    if kind == "bpe":  # learnt from the first BPE_SAMPLE_BYTES of the training text
+        sample, size = [], 0
+        for unit in units:
+            if size >= BPE_SAMPLE_BYTES:
+                break
+            train, _ = _documents(unit, text_key, split_fraction=None)
+            sample += train
+            size += sum(len(d) for d in train)
+        return make_tokenizer(spec, DOCUMENT_SEPARATOR.join(sample), "the inputs")
+    return make_tokenizer(spec, b"", "the inputs")
+
+
+def _characters(unit: Unit, text_key: str) -> set[str]:
+    documents, _ = _documents(unit, text_key, split_fraction=None)
+    found = set()
+    for doc in documents:
+        found |= set(_utf8(doc, unit))
+    return found
+
+
+def _read(unit: Unit) -> bytes:
+    with open(unit.path, "rb") as f:
+        f.seek(unit.start)
+        return f.read(unit.end - unit.start)
+
+
+def _documents(unit: Unit, text_key: str, split_fraction: float | None
+               ) -> tuple[list[bytes], list[bytes]]:
+    """(train, validation) documents of a unit (all in train when `split_fraction` is None).
+    A single-document file's parts come back as one "document" each, ended only at the file's
+    end (`_ends_document`)."""
+    raw = _read(unit)
+    if not unit.jsonl:
+        in_validation = split_fraction is not None and unit.start >= unit.cut
+        return ([], [raw]) if in_validation else ([raw], [])
+    train, validation = [], []
+    name = pathlib.Path(unit.path).name
+    at = unit.start
+    for line in raw.splitlines(keepends=True):
+        offset, at = at, at + len(line)
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{unit.path} line {_line_number(unit.path, offset)} is not JSON "
+                            f"({e.msg})") from None
+        text = record.get(text_key) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise DataError(f"{unit.path} line {_line_number(unit.path, offset)} has no string "
+                            f"field {text_key!r} (set --text_key)")
+        held_out = split_fraction is not None and _bucket(f"{name}:{offset}") < split_fraction
+        (validation if held_out else train).append(text.encode("utf-8"))
+    return train, validation
+
+
+def _line_number(path: str, offset: int) -> int:
+    with open(path, "rb") as f:
+        return f.read(offset).count(b"\n") + 1
+
+
+def _bucket(key: str) -> float:
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64
+
+
+def _utf8(data: bytes, unit: Unit) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{unit.path} is not UTF-8 text (near byte {unit.start + e.start}); "
+                        "use --tokenizer=byte") from None
+
+
+def _encode(tokenizer, text: bytes, unit: Unit) -> np.ndarray:
+    """The tokens of `text`, tokenised in pieces of about PIECE_BYTES cut at line starts."""
+    kind = getattr(tokenizer, "kind", None)
+    if kind == "byte":
+        return np.frombuffer(text, np.uint8).astype(np.int32)
+    if kind == "char":  # vectorised: code points looked up in the sorted vocabulary
+        codes = np.frombuffer(_utf8(text, unit).encode("utf-32-le"), np.uint32)
+        vocab = np.frombuffer(tokenizer.chars.encode("utf-32-le"), np.uint32)
+        ids = np.searchsorted(vocab, codes)
+        bad = (ids >= len(vocab)) | (vocab[np.minimum(ids, len(vocab) - 1)] != codes)
+        if bad.any():
+            raise DataError(f"{unit.path} has the character {chr(codes[bad][0])!r}, which is "
+                            "not in the tokenizer's vocabulary")
+        return ids.astype(np.int32)
+    pieces, at = [], 0
+    while at < len(text):
+        end = text.find(b"\n", at + PIECE_BYTES)
+        end = len(text) if end < 0 else end + 1
+        pieces.append(_utf8(text[at:end], unit))
+        at = end
+    encodings = tokenizer.backend.encode_batch(pieces, add_special_tokens=False)
+    return np.concatenate([np.asarray(e.ids, np.int32) for e in encodings] or
+                          [np.zeros(0, np.int32)])
+
+
+def _prepare_unit(unit: Unit, out: pathlib.Path, tokenizer, eos: int, fraction: float,
+                  text_key: str) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one process per core already
+    dtype = shards.token_dtype(tokenizer.vocab_size)
+    train, validation = _documents(unit, text_key, fraction)
+    counts = {}
+    for split, documents in (("train", train), ("validation", validation)):
+        name = f"{split}-{unit.number:05d}.array_record"
+        tokens, n_bytes = [], 0
+        for doc in documents:
+            tokens.append(_encode(tokenizer, doc, unit))
+            n_bytes += len(doc)
+            if _ends_document(unit, split):
+                tokens.append(np.array([eos], np.int32))
+                n_bytes += 1  # the end-of-document byte, as the byte tokenizer counts it
+        stream = np.concatenate(tokens).astype(dtype) if tokens else np.zeros(0, dtype)
+        _write(out / name, stream)
+        counts[split] = {"file": name, "tokens": len(stream), "bytes": n_bytes,
+                         "documents": len(documents) if unit.jsonl else int(
+                             _ends_document(unit, split) and bool(documents))}
+    tmp = out / PROGRESS / f"{unit.number:05d}.json.tmp"
+    tmp.write_text(json.dumps({"unit": dataclasses.asdict(unit), **counts}) + "\n")
+    tmp.rename(out / PROGRESS / f"{unit.number:05d}.json")
+
+
+def _ends_document(unit: Unit, split: str) -> bool:
+    """Whether a document of this unit's `split` ends with it: every JSONL line; a
+    single-document file only at its end (which the validation split holds)."""
+    return unit.jsonl or (split == "validation" and unit.end == pathlib.Path(unit.path)
+                          .stat().st_size)
+
+
+def _write(path: pathlib.Path, stream: np.ndarray) -> None:
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    tmp = path.with_name(path.name + ".tmp")
+    writer = ArrayRecordWriter(str(tmp), shards.WRITER_OPTIONS)
+    for start in range(0, len(stream), shards.CHUNK_TOKENS):
+        writer.write(stream[start:start + shards.CHUNK_TOKENS].tobytes())
+    writer.close()
+    tmp.rename(path)
+
+
+def _done(out: pathlib.Path, unit: Unit) -> bool:
+    record = out / PROGRESS / f"{unit.number:05d}.json"
+    return record.is_file() and json.loads(record.read_text())["unit"] == dataclasses.asdict(
+        unit)
+
+
+def _index(out: pathlib.Path, units: list[Unit], tokenizer, eos: int, settings: dict) -> dict:
+    splits = {s: {"shards": [], "tokens": 0, "documents": 0, "bytes": 0} for s in shards.SPLITS}
+    for unit in units:
+        done = json.loads((out / PROGRESS / f"{unit.number:05d}.json").read_text())
+        for split in shards.SPLITS:
+            part = done[split]
+            if part["tokens"]:
+                splits[split]["shards"].append(part)
+            for key in ("tokens", "documents", "bytes"):
+                splits[split][key] += part[key]
+    for split, info in splits.items():
+        if info["tokens"] < 2:
+            raise DataError(f"the inputs give the {split} split {info['tokens']} tokens: give "
+                            "more text, or change --validation_fraction")
+    return {"format": shards.FORMAT, "kind": "text", "tokenizer": settings["tokenizer"],
+            "tokenizer_sha256": shards.tokenizer_sha256(tokenizer),
+            "vocab_size": tokenizer.vocab_size,
+            "token_dtype": shards.token_dtype(tokenizer.vocab_size).name,
+            "end_of_document": int(eos), "chunk_tokens": shards.CHUNK_TOKENS,
+            "validation_fraction": settings["validation_fraction"],
+            "text_key": settings["text_key"], "splits": splits, "inputs": settings["inputs"]}

@@ -1,0 +1,153 @@
+"""Our ArrayRecord shards of tokenised text (`experiments.prepare_data` writes them; the data
+config `data.name="array_record"`, `data.path=DIR` reads them), read by Grain's
+`ArrayRecordDataSource` without ever holding a split in memory.
+
+A prepared directory holds, per split ("train", "validation"), shards `SPLIT-NNNNN.array_record`
+whose records are consecutive chunks of `chunk_tokens` tokens (little-endian `token_dtype`:
+uint16 when the vocabulary fits, else uint32) of the split's token stream, in which every
+document ends with the end-of-document token; the tokenizer's files; and `index.json`:
+
+    {"format": "genai_jax.array_record/1", "kind": "text", "tokenizer": SPEC,
+     "tokenizer_sha256": ..., "vocab_size": V, "token_dtype": "uint16", "end_of_document": ID,
+     "chunk_tokens": 4096, "validation_fraction": F, "text_key": "text",
+     "splits": {"train": {"shards": [{"file", "tokens", "documents", "bytes"}, ...],
+                          "tokens": N, "documents": D, "bytes": B}, "validation": {...}},
+     "inputs": [{"path", "bytes"}, ...]}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pathlib
+import tempfile
+
+import numpy as np
+
+from genai_jax.errors import DataError
+
+INDEX = "index.json"
+FORMAT = "genai_jax.array_record/1"
+CHUNK_TOKENS = 4096
+SPLITS = ("train", "validation")
+# Random access wants one record per group and no compression to undo for each read.
+WRITER_OPTIONS = "group_size:1,uncompressed"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def tokenizer_sha256(tokenizer) -> str:
+    """A fingerprint of a tokenizer: the SHA-256 of the files it saves."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save(pathlib.Path(tmp))
+        digest = hashlib.sha256()
+        for f in sorted(pathlib.Path(tmp).rglob("*")):
+            if f.is_file():
+                digest.update(f.name.encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()
+
+
+def read_index(directory: str | pathlib.Path) -> dict:
+    path = pathlib.Path(directory).expanduser() / INDEX
+    if not path.is_file():
+        raise DataError(f"{directory} has no {INDEX}: prepare it with `python -m "
+                        "experiments.prepare_data --input=GLOB --out=DIR`")
+    try:
+        index = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} is not JSON ({e.msg}): prepare the data again") from None
+    if index.get("format") != FORMAT:
+        raise DataError(f"{path} is not a genai_jax ArrayRecord index ({FORMAT})")
+    return index
+
+
+class TokenStream:
+    """The token stream of one split, read by slices (`stream[a:b]` -> numpy) from its shards;
+    picklable (Grain worker processes open their own readers)."""
+
+    def __init__(self, directory: str | pathlib.Path, index: dict, split: str):
+        self.directory = pathlib.Path(directory).expanduser()
+        self.split, self.chunk = split, index["chunk_tokens"]
+        self.dtype = np.dtype(index["token_dtype"])
+        shards = index["splits"][split]["shards"]
+        self.paths = [str(self.directory / s["file"]) for s in shards]
+        tokens = np.array([s["tokens"] for s in shards], np.int64)
+        # Where each shard's tokens and records start in the split's stream and record list.
+        self._token_start = np.concatenate([[0], np.cumsum(tokens)])
+        self._record_start = np.concatenate([[0], np.cumsum(-(-tokens // self.chunk))])
+        self._source = None
+
+    def __len__(self) -> int:
+        return int(self._token_start[-1])
+
+    def __getstate__(self):
+        return {**self.__dict__, "_source": None}
+
+    def _records(self):
+        if self._source is None:
+            self._source = _open(self.paths)
+        return self._source
+
+    def _chunk(self, shard: int, chunk: int) -> np.ndarray:
+        return self._read(self._records(), int(self._record_start[shard]) + chunk,
+                          self.paths[shard])
+
+    def _read(self, records, record: int, path: str) -> np.ndarray:
+        try:
+            raw = records[record]
+        except Exception as e:  # noqa: BLE001 - the reader raises several kinds on bad files
+            raise _unreadable(path, e) from None
+        if len(raw) % self.dtype.itemsize:
+            raise DataError(f"shard {path} holds a record of {len(raw)} bytes, not whole "
+                            f"{self.dtype} tokens: prepare the data again")
+        return np.frombuffer(raw, self.dtype)
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        start, stop, step = index.indices(len(self))
+        if step != 1:
+            raise ValueError("a token stream is read by contiguous slices")
+        parts = []
+        while start < stop:
+            shard = int(np.searchsorted(self._token_start, start, side="right")) - 1
+            within = start - int(self._token_start[shard])
+            chunk, at = divmod(within, self.chunk)
+            take = min(stop - start, self.chunk - at,
+                       int(self._token_start[shard + 1]) - start)
+            parts.append(self._chunk(shard, chunk)[at:at + take])
+            start += take
+        if not parts:
+            return np.zeros(0, self.dtype)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def check(self) -> None:
+        """Open every shard and read its first and last records: a missing, cut or foreign file
+        is one DataError now, not a failure in a worker mid-run."""
+        for shard, path in enumerate(self.paths):
+            records = _open([path])
+            expected = int(self._record_start[shard + 1] - self._record_start[shard])
+            if len(records) != expected:
+                raise DataError(f"shard {path} holds {len(records)} records, and the index "
+                                f"says {expected}: prepare the data again")
+            for record in {0, expected - 1} if expected else ():
+                self._read(records, record, path)
+
+
+def _open(paths: list[str]):
+    import grain
+
+    for path in paths:
+        if not pathlib.Path(path).is_file():
+            raise DataError(f"shard {path} is missing: prepare the data again")
+    try:
+        source = grain.sources.ArrayRecordDataSource(paths)
+        len(source)
+    except Exception as e:  # noqa: BLE001 - the reader raises several kinds on bad files
+        raise _unreadable(paths[0] if len(paths) == 1 else f"of {paths[0]}...", e) from None
+    return source
+
+
+def _unreadable(path: str, error: Exception) -> DataError:
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return DataError(f"shard {path} cannot be read ({reason[:160]}): prepare the data again")

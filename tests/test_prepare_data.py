@@ -1,0 +1,171 @@
+"""Data at scale: `experiments.prepare_data` into ArrayRecord shards, read back through Grain
+(`data.name=array_record`), resumable preparation, and bad input as one line."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from genai_jax.data import build, prepare, shards
+from genai_jax.errors import DataError
+from genai_jax.tokenization import load_tokenizer
+from genai_jax.train import read_metrics, train
+from tests.conftest import tiny_lm_config
+from tests.test_cli import cli, error_line, tree_digest
+
+WORDS = "the quick brown fox jumps over a lazy dog while seven wizards hum softly".split()
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A JSONL file of 600 short documents and a text file (one document)."""
+    folder = tmp_path_factory.mktemp("inputs")
+    rng = random.Random(0)
+    docs = [" ".join(rng.choices(WORDS, k=rng.randint(3, 40))) + rng.choice("é.!")
+            for _ in range(600)]
+    (folder / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    (folder / "play.txt").write_text("\n".join(" ".join(rng.choices(WORDS, k=9))
+                                               for _ in range(300)) + "\n")
+    return folder, docs
+
+
+@pytest.fixture(scope="module")
+def prepared(inputs, tmp_path_factory):
+    folder, _ = inputs
+    out = tmp_path_factory.mktemp("prepared") / "shards"
+    index = prepare.prepare_text(sorted(folder.iterdir()), out, "char", unit_bytes=4000,
+                                 workers=2, log=lambda *_: None)
+    return out, index
+
+
+def split_documents(out, index, split: str) -> list[str]:
+    stream = shards.TokenStream(out, index, split)
+    tokenizer = load_tokenizer(out)
+    text = tokenizer.decode(stream[0:len(stream)])
+    return text.split("\0")
+
+
+def test_every_document_lands_once_in_one_split_ended_by_eos(inputs, prepared):
+    folder, docs = inputs
+    out, index = prepared
+    assert index["token_dtype"] == "uint16" and index["chunk_tokens"] == shards.CHUNK_TOKENS
+    assert len(index["splits"]["train"]["shards"]) > 2  # several units, written in parallel
+    train, validation = (split_documents(out, index, s) for s in shards.SPLITS)
+    play = (folder / "play.txt").read_text()
+    # The play is one document: its head trains, its tail (from a line start) validates, and
+    # only its real end carries the end-of-document token.
+    head = next(d for d in train if "\n" in d)
+    tail = next(d for d in validation if "\n" in d)
+    assert head + tail == play and play.startswith(head) and head.endswith("\n")
+    assert 0.05 < len(tail) / len(play) < 0.15
+    jsonl_train = [d for d in train if d and d != head]
+    jsonl_validation = [d for d in validation if d and d != tail]
+    assert sorted(jsonl_train + jsonl_validation) == sorted(docs)
+    assert 0.05 < len(jsonl_validation) / len(docs) < 0.15
+    assert index["splits"]["validation"]["documents"] == len(jsonl_validation) + 1
+    assert index["splits"]["train"]["tokens"] + index["splits"]["validation"]["tokens"] == sum(
+        len(d) + 1 for d in docs) + len(play) + 1
+
+
+def test_interrupted_preparation_resumes_and_other_settings_are_refused(inputs, prepared,
+                                                                        tmp_path):
+    folder, _ = inputs
+    out, index = prepared
+    copy = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(out, copy)
+    # as if killed after unit 1 was written but before units 0 and 2 were
+    for unit in ("00000", "00002"):
+        (copy / "progress" / f"{unit}.json").unlink()
+    (copy / "train-00000.array_record").unlink()
+    (copy / shards.INDEX).unlink()
+    kept = (copy / "train-00001.array_record").stat().st_mtime_ns
+    lines = []
+    again = prepare.prepare_text(sorted(folder.iterdir()), copy, "char", unit_bytes=4000,
+                                 workers=2, log=lines.append)
+    assert again["splits"] == index["splits"]
+    assert (copy / "train-00001.array_record").stat().st_mtime_ns == kept
+    assert lines[0].startswith(f"{len(list((out / 'progress').glob('0*.json'))) - 2} of")
+    before = tree_digest(copy)
+    with pytest.raises(DataError, match="other tokenizer"):
+        prepare.prepare_text(sorted(folder.iterdir()), copy, "byte", unit_bytes=4000)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="not empty"):
+        prepare.prepare_text(sorted(folder.iterdir()), tmp_path / "busy", "char")
+    assert tree_digest(copy) == before
+
+
+def test_training_reads_the_shards_packed_through_workers(prepared, tmp_path):
+    out, index = prepared
+    config = tiny_lm_config(**{"data.name": "array_record", "data.path": str(out),
+                               "data.packing": True, "data.workers": 1, "train.steps": 10,
+                               "eval.every": 10, "checkpoint.every": 10})
+    pipeline = build(config, "text")
+    batch = pipeline.train.batch(3)
+    assert set(batch) == {"inputs", "targets", "loss_mask", "segment_ids", "positions"}
+    eos = index["end_of_document"]
+    np.testing.assert_array_equal(batch["loss_mask"], batch["inputs"] != eos)
+    validation = index["splits"]["validation"]
+    # a character is a byte, but "é" is two
+    assert pipeline.info["bytes_per_token"] == validation["bytes"] / validation["tokens"] > 1
+    run = train(config, tmp_path, progress=False)
+    assert run.start_step == 10
+    last = read_metrics(tmp_path)[-1]
+    assert np.isfinite(last["eval/loss"]) and last["train/data_wait_ms"] >= 0
+
+
+def test_bad_shards_and_mismatched_tokenizers_are_one_line(prepared, tmp_path):
+    out, index = prepared
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    shard = broken / "train-00001.array_record"
+    shard.write_bytes(shard.read_bytes()[:-200])
+    config = lambda **kw: tiny_lm_config(**{"data.name": "array_record",
+                                            "data.path": str(broken), **kw})
+    with pytest.raises(DataError, match="shard .*train-00001.array_record cannot be read"):
+        build(config(), "text")
+    with pytest.raises(DataError, match="tokenised with 'char'.*data.tokenizer='byte'"):
+        build(config(**{"data.tokenizer": "byte"}), "text")
+    with pytest.raises(DataError, match="too short for windows"):
+        build(tiny_lm_config(**{"data.name": "array_record", "data.path": str(out),
+                                "model.block_size": index["splits"]["validation"]["tokens"]}),
+              "text")
+
+
+def test_bad_input_to_prepare_data_is_one_line(tmp_path, env):
+    proc = cli("prepare_data", f"--input={tmp_path}/nothing*.txt", f"--out={tmp_path}/o",
+               env=env)
+    assert "matches no file" in error_line(proc)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n\n{"text": "also fine"}\nnot json\n')
+    proc = cli("prepare_data", f"--input={bad}", f"--out={tmp_path}/o2", env=env)
+    assert f"{bad} line 4 is not JSON" in error_line(proc)
+    assert not (tmp_path / "o2" / shards.INDEX).exists()
+
+
+def test_a_mixture_draws_its_sources_in_proportion(tmp_path):
+    dirs = []
+    for letter in "ab":
+        (tmp_path / f"{letter}.txt").write_text((letter * 60 + "\n") * 200)
+        dirs.append(tmp_path / letter)
+        prepare.prepare_text([tmp_path / f"{letter}.txt"], dirs[-1], "byte", workers=1,
+                             log=lambda *_: None)
+    config = tiny_lm_config(**{"data.name": "array_record", "data.tokenizer": "byte",
+                               "data.mixture": f"{dirs[0]}:3,{dirs[1]}:1",
+                               "train.batch_size": 8})
+    pipeline = build(config, "text")
+    rows = np.concatenate([pipeline.train.batch(s)["inputs"] for s in range(50)])
+    from_a = np.mean([(row == ord("a")).any() for row in rows])
+    assert from_a == pytest.approx(0.75, abs=0.02)
+    again = build(config, "text").train.batch(7)["inputs"]  # a function of (seed, step)
+    np.testing.assert_array_equal(again, pipeline.train.batch(7)["inputs"])
+    with pytest.raises(DataError, match="not DIR:WEIGHT"):
+        build(tiny_lm_config(**{"data.name": "array_record", "data.tokenizer": "byte",
+                                "data.mixture": f"{dirs[0]}:0"}), "text")
