@@ -244,16 +244,22 @@ def main(argv):
         state, metrics = step_fn(run.state, batch)
         jax.block_until_ready(metrics)
         tokens_per_step = cfg.train.batch_size * run.family.tokens_per_example
-        ours, peer, peer_out, step = [], [], {}, k
+        ours, peer, peer_out, waits = [], [], {}, []
         command = peer_command(_PEER.value, cfg) if _PEER.value else None
+        # The timed steps read their batches as training does: through the Grain pipeline
+        # (data.workers, data.prefetch), started here, its wait timed apart.
+        stream = run.batch_stream(k, k + _ROUNDS.value * calls * k)
         for _ in range(_ROUNDS.value):
-            batches = [run.global_batches(step + i * k) for i in range(calls)]
-            t0 = time.perf_counter()
-            for b in batches:
+            wait, t0 = 0.0, time.perf_counter()
+            for _ in range(calls):
+                t_wait = time.perf_counter()
+                rows = next(stream)
+                wait += time.perf_counter() - t_wait
+                b = parallel.global_batch(rows, run.stacked_batch_sharding)
                 state, metrics = step_fn(state, b)
             jax.block_until_ready((state, metrics))
             ours.append(calls * k * tokens_per_step / (time.perf_counter() - t0))
-            step += calls * k
+            waits.append(1000 * wait / (calls * k))
             if command:
                 peer_out = run_peer(command)
                 peer.append(peer_out["train_tokens_per_s"])
@@ -297,6 +303,8 @@ def main(argv):
         "trainable_params": trainable, "frozen_params": frozen,
         "opt_state_bytes_per_device": max(opt_bytes.values(), default=0),
         f"train_{unit}_per_s": per_s, f"train_{unit}_per_s_rounds": ours,
+        # milliseconds per step the loop waited for the input pipeline (median over rounds)
+        "data_wait_ms": statistics.median(waits),
         f"train_{unit}_per_s_spread": spread(ours),
         "step_ms": 1000 * tokens_per_step / per_s,
         "first_step_compile_s": compile_s,

@@ -27,7 +27,8 @@ _INPUT = flags.DEFINE_string("input", None, "files to prepare: a glob, or severa
 _OUT = flags.DEFINE_string("out", None, "the directory to write (new or empty, or one this "
                            "command was preparing: it resumes)")
 _TOKENIZER = flags.DEFINE_string("tokenizer", "byte", "byte, char, gpt2, bpe:N or hf:DIR "
-                                 "(data.tokenizer's forms)")
+                                 "(data.tokenizer's forms), or none: keep the text, and "
+                                 "tokenise it on the fly in training")
 _VALIDATION = flags.DEFINE_float("validation_fraction", 0.1, "the share of documents (of a "
                                  "single-document file: its tail) held out for validation")
 _TEXT_KEY = flags.DEFINE_string("text_key", "text", "the JSONL field that holds a document")
@@ -55,10 +56,10 @@ def main(argv):
         input_files(_INPUT.value), pathlib.Path(_OUT.value), _TOKENIZER.value,
         validation_fraction=_VALIDATION.value, text_key=_TEXT_KEY.value,
         workers=_WORKERS.value, unit_bytes=int(_UNIT_MB.value * 2**20))
-    print(json.dumps({"out": _OUT.value, "tokenizer": index["tokenizer"],
-                      "token_dtype": index["token_dtype"],
-                      **{f"{s}_{k}": index["splits"][s][k] for s in ("train", "validation")
-                         for k in ("tokens", "documents", "bytes")}}))
+    print(json.dumps({"out": _OUT.value, "kind": index["kind"], "tokenizer": index["tokenizer"],
+                      "token_dtype": index.get("token_dtype"),
+                      **{f"{s}_{k}": v for s in ("train", "validation")
+                         for k, v in index["splits"][s].items() if k != "shards"}}))
 
 
 def run():

@@ -319,18 +319,19 @@ def finish(procs, timeout: int = 300) -> list[tuple[str, str]]:
 
 @pytest.mark.slow
 def test_two_processes_train_like_one_process_of_four_devices(text_file, env, tmp_path):
-    """...and write one metrics file, one sharded checkpoint that they restore together (the
-    second launch resumes from step 20 to 30), and one sample."""
+    """...each reading only its rows of each global batch (through a data worker), and write
+    one metrics file, one sharded checkpoint that they restore together (the second launch
+    resumes from step 20 to 30), and one sample; the run of one process resumes on two
+    processes with the same batches."""
     from genai_jax.train.metrics import read_metrics
 
     one, two = tmp_path / "one", tmp_path / "two"
     finish(launch(one, text_file, env, 1, 4))
-    outs = finish(launch(two, text_file, env, 2, 2))
+    outs = finish(launch(two, text_file, env, 2, 2, "--config.data.workers=1"))
     assert (two / "checkpoints" / "20").is_dir()
     assert "sample at step 20" in outs[0][0] and "sample at step" not in outs[1][0]
-    for workdir, processes, devices in ((one, 1, 4), (two, 2, 2)):
-        finish(launch(workdir, text_file, env, processes, devices, "--config.train.steps=30",
-                      "--nosample"))
+    for workdir in (one, two):
+        finish(launch(workdir, text_file, env, 2, 2, "--config.train.steps=30", "--nosample"))
     reference, metrics = read_metrics(one), read_metrics(two)
     # each logged step once: process 0 alone writes
     assert [r["step"] for r in metrics] == [r["step"] for r in reference] == [5, 10, 15, 20,

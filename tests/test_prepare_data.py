@@ -169,3 +169,59 @@ def test_a_mixture_draws_its_sources_in_proportion(tmp_path):
     with pytest.raises(DataError, match="not DIR:WEIGHT"):
         build(tiny_lm_config(**{"data.name": "array_record", "data.tokenizer": "byte",
                                 "data.mixture": f"{dirs[0]}:0"}), "text")
+
+
+@pytest.fixture(scope="module")
+def raw(inputs, tmp_path_factory):
+    folder, _ = inputs
+    out = tmp_path_factory.mktemp("raw") / "text"
+    index = prepare.prepare_text(sorted(folder.iterdir()), out, "none", unit_bytes=4000,
+                                 workers=2, log=lambda *_: None)
+    return out, index
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "gpt2"])
+def test_raw_text_is_tokenised_on_the_fly_into_packed_documents(inputs, raw, tokenizer):
+    folder, docs = inputs
+    out, index = raw
+    assert index["kind"] == "raw_text"
+    assert index["splits"]["train"]["documents"] + index["splits"]["validation"][
+        "documents"] == len(docs) + 1
+    config = tiny_lm_config(**{"data.name": "array_record", "data.path": str(out),
+                               "data.tokenizer": tokenizer, "data.packing": True,
+                               "model.block_size": 48})
+    pipeline = build(config, "text")
+    tok = pipeline.info["tokenizer"]
+    texts = docs + [(folder / "play.txt").read_text()]
+    batch = pipeline.train.batch(1)
+    for row in range(len(batch["inputs"])):
+        segments = batch["segment_ids"][row]
+        for segment in np.unique(segments):
+            ids = batch["inputs"][row][segments == segment]
+            text = tok.decode(ids[ids != index.get("end_of_document", -1)])
+            text = text.split("\0")[0].split("<|endoftext|>")[0]
+            # every document in a packed window is tokenised from its start
+            assert any(t.startswith(text) for t in texts), text
+    unpacked = build(tiny_lm_config(**{"data.name": "array_record", "data.path": str(out),
+                                       "data.tokenizer": tokenizer}), "text")
+    assert set(unpacked.train.batch(0)) == {"inputs", "targets"}
+    with pytest.raises(DataError, match="built from the data"):
+        build(tiny_lm_config(**{"data.name": "array_record", "data.path": str(out),
+                                "data.tokenizer": "char"}), "text")
+
+
+def test_data_bench_measures_the_pipeline_and_its_memory(prepared, tmp_path, env):
+    from experiments.data_bench import generate_corpus
+
+    made = generate_corpus(tmp_path / "corpus", 1)
+    assert made["bytes"] >= 10**6 and made["documents"] > 100
+    first = json.loads((tmp_path / "corpus" / "part-00000.jsonl").read_text().splitlines()[0])
+    assert isinstance(first["text"], str)
+    out, _ = prepared
+    proc = cli("data_bench", "--config=experiments/configs/lm_char.py",
+               "--config.data.name=array_record", f"--config.data.path={out}",
+               "--config.data.tokenizer=char", "--config.data.workers=1", "--steps=40",
+               env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["tokens_per_s"] > 0 and result["peak_rss_mb"] > 50 and result["workers"] == 1

@@ -19,8 +19,6 @@ import numpy as np
 from genai_jax.data.loader import ENDLESS, Batches
 from genai_jax.errors import DataError
 
-PACKED_FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
-
 
 @dataclasses.dataclass(frozen=True)
 class Window:
@@ -51,6 +49,85 @@ class Window:
         return packed_window(self.tokens, offset, block, self.end_of_document)
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenizedWindow:
+    """A Grain random map over raw text records (`shards.TextRecords`): tokenises, from a
+    random record on (packed: from the first document start at or after it), just enough text
+    for one window, the end-of-document token after each document's last record; unpacked
+    windows start at a random word of the first record."""
+
+    records: object
+    tokenizer: object
+    block_size: int
+    end_of_document: int
+    packing: bool = False
+
+    def __call__(self, index, rng: np.random.Generator) -> dict:
+        del index
+        n, need = len(self.records), self.block_size + 1
+        at = int(rng.integers(0, n))
+        if self.packing:  # the first record that starts a document
+            for _ in range(n):
+                if at == 0 or self.records[at - 1][1]:
+                    break
+                at = (at + 1) % n
+        text, ends = self.records[at]
+        start = 0 if self.packing else _word_start(text, int(rng.integers(0, len(text) or 1)))
+        parts, have = [], 0
+        for _ in range(n):
+            ids, whole = self._encode(text[start:], need - have)
+            parts.append(ids)
+            have += len(ids)
+            if whole and ends:
+                parts.append(np.array([self.end_of_document], np.int32))
+                have += 1
+            if have >= need:
+                break
+            at = (at + 1) % n
+            (text, ends), start = self.records[at], 0
+        tokens = np.concatenate(parts)
+        if len(tokens) < need:
+            raise DataError(f"a split of {len(tokens)} tokens is too short for windows of "
+                            f"model.block_size={self.block_size}")
+        if self.packing:
+            return packed_window(tokens, 0, self.block_size, self.end_of_document)
+        return window(tokens, 0, self.block_size)
+
+    def _encode(self, text: bytes, want: int) -> tuple[np.ndarray, bool]:
+        """At least `want` tokens of `text` when it has them, tokenising a prefix cut before a
+        whitespace byte (growing it as needed); and whether all of `text` was tokenised."""
+        budget = 6 * want + 64
+        while True:
+            if budget >= len(text):
+                return self._ids(text), True
+            cut = max(text.rfind(b" ", 0, budget), text.rfind(b"\n", 0, budget))
+            if cut <= 0:  # no whitespace: cut between two characters
+                cut = budget
+                while text[cut] & 0xC0 == 0x80:
+                    cut -= 1
+            ids = self._ids(text[:cut])
+            if len(ids) >= want:
+                return ids, False
+            budget *= 2
+
+
+    def _ids(self, text: bytes) -> np.ndarray:
+        backend = getattr(self.tokenizer, "backend", None)
+        if backend is None:  # byte
+            return self.tokenizer.encode(text, "a text record")
+        encoding = backend.encode(text.decode("utf-8"), add_special_tokens=False)
+        return np.asarray(encoding.ids, np.int32)
+
+
+def _word_start(text: bytes, at: int) -> int:
+    """The first word start (after a space or newline) at or after byte `at`, else 0."""
+    if at == 0:
+        return 0
+    space = min((i for i in (text.find(b" ", at), text.find(b"\n", at)) if i >= 0),
+                default=-1)
+    return space + 1 if 0 <= space < len(text) - 1 else 0
+
+
 def window(tokens, offset: int, block_size: int) -> dict:
     seq = np.asarray(tokens[offset:offset + block_size + 1]).astype(np.int32)
     return {"inputs": seq[:-1], "targets": seq[1:]}
@@ -78,6 +155,13 @@ def windows(tokens, batch_size: int, block_size: int, seed: int,
             end_of_document: int | None = None) -> Batches:
     """Batches of random windows of `tokens` (packed when `end_of_document` is given)."""
     return Batches(window_examples(tokens, block_size, seed, end_of_document), batch_size)
+
+
+def tokenized_windows(records, tokenizer, batch_size: int, block_size: int, seed: int,
+                      end_of_document: int, packing: bool) -> Batches:
+    """Batches of windows tokenised on the fly from raw text records (`TokenizedWindow`)."""
+    transform = TokenizedWindow(records, tokenizer, block_size, end_of_document, packing)
+    return Batches(grain.MapDataset.range(ENDLESS).seed(seed).random_map(transform), batch_size)
 
 
 def mixture(streams: list, weights: list[float], batch_size: int, block_size: int, seed: int,

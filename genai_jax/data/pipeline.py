@@ -17,6 +17,7 @@ from genai_jax.tokenization.tokenizers import (
     end_of_document,
     load_tokenizer,
     make_tokenizer,
+    parse_spec,
 )
 
 IMAGE_INFO_FILE = "data_info.json"  # the example shape and classes a saved image model expects
@@ -92,6 +93,8 @@ def _array_record_pipeline(config, saved, eval_batch: int) -> Pipeline:
     directory of `data.mixture`, drawn in its proportions), read from the shards as they are
     needed (`shards.TokenStream`)."""
     sources = _mixture(config.data) if config.data.mixture else [(config.data.path, 1.0)]
+    if len(sources) == 1 and shards.read_index(_directory(sources[0][0]))["kind"] == "raw_text":
+        return _raw_text_pipeline(config, saved, eval_batch)
     streams, weights, bytes_per_token, fingerprints = [], [], 0.0, set()
     for path, weight in sources:
         directory, index, tokenizer = _prepared(config, path, saved)
@@ -118,6 +121,47 @@ def _array_record_pipeline(config, saved, eval_batch: int) -> Pipeline:
               "validation_tokens": streams[0]["validation"]})
 
 
+def _raw_text_pipeline(config, saved, eval_batch: int) -> Pipeline:
+    """Windows tokenised on the fly (`lm_batches.TokenizedWindow`, in the data workers) from
+    the raw text records of a `prepare_data --tokenizer=none` directory."""
+    directory = _directory(config.data.path)
+    index = shards.read_index(directory)
+    if parse_spec(config.data.tokenizer)[0] in ("char", "bpe"):
+        raise DataError(f"data.tokenizer={config.data.tokenizer!r} is built from the data, so "
+                        f"it cannot tokenise {directory} on the fly: prepare the data with "
+                        f"--tokenizer={config.data.tokenizer}, or use byte, gpt2 or hf:DIR")
+    tokenizer = saved or make_tokenizer(config.data.tokenizer, b"", f"data.path {directory}")
+    end = end_of_document(tokenizer)
+    if end is None:
+        raise DataError(f"the {config.data.tokenizer!r} tokenizer has no end-of-document token")
+    records = {split: shards.TextRecords(directory, index, split) for split in shards.SPLITS}
+    for split_records in records.values():
+        split_records.check()
+    block, batch = config.model.block_size, config.train.batch_size
+
+    windows = lambda split, size, seed: lm_batches.tokenized_windows(
+        records[split], tokenizer, size, block, seed, end, config.data.packing)
+    # Bits per byte needs the validation split's bytes per token: from its first MB of text.
+    n_bytes = n_tokens = 0
+    for i in range(len(records["validation"])):
+        text, ends = records["validation"][i]
+        n_bytes += len(text) + ends
+        n_tokens += len(tokenizer.encode(text, "the validation split")) + ends
+        if n_bytes > 1 << 20:
+            break
+    return Pipeline(train=windows("train", batch, config.seed),
+                    eval=lm_batches.eval_batches(windows("validation", eval_batch,
+                                                         config.seed + 1), config.eval.steps),
+                    info={"tokenizer": tokenizer, "bytes_per_token": n_bytes / n_tokens})
+
+
+def _directory(path: str) -> pathlib.Path:
+    if not path:
+        raise DataError("data.name='array_record' needs data.path: pass "
+                        "--config.data.path=DIR (written by experiments.prepare_data)")
+    return pathlib.Path(path).expanduser()
+
+
 def _mixture(data_cfg) -> list[tuple[str, float]]:
     """`data.mixture="DIR:WEIGHT,DIR:WEIGHT,..."` -> [(DIR, weight), ...]."""
     sources = []
@@ -139,13 +183,11 @@ def _mixture(data_cfg) -> list[tuple[str, float]]:
 def _prepared(config, path: str, saved):
     """(directory, index, tokenizer) of a prepared directory, checked against the config's
     tokenizer and the run's saved one."""
-    if not path:
-        raise DataError("data.name='array_record' needs data.path: pass "
-                        "--config.data.path=DIR (written by experiments.prepare_data)")
-    directory = pathlib.Path(path).expanduser()
+    directory = _directory(path)
     index = shards.read_index(directory)
     if index["kind"] != "text":
-        raise DataError(f"{directory} holds {index['kind']} data, not text")
+        raise DataError(f"{directory} holds {index['kind']} data, not tokenised text "
+                        "(raw text is read alone, not in a data.mixture)")
     if config.data.tokenizer != index["tokenizer"]:
         raise DataError(f"{directory} was tokenised with {index['tokenizer']!r} and the config "
                         f"has data.tokenizer={config.data.tokenizer!r}: set "

@@ -42,6 +42,8 @@ UNIT_BYTES = 64 << 20
 PIECE_BYTES = 1 << 20  # text handed to a tokenizer at once (bounds its per-token bookkeeping)
 BPE_SAMPLE_BYTES = 64 << 20  # the training text a new BPE learns from
 PROGRESS = "progress"
+RAW = "none"  # --tokenizer=none: documents stay text, tokenised on the fly by training
+RAW_RECORD_BYTES = 16 << 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +66,9 @@ def prepare_text(inputs: list[pathlib.Path], out: pathlib.Path, tokenizer_spec: 
         raise DataError(f"validation_fraction={validation_fraction} must be in (0, 1)")
     if unit_bytes < 1:
         raise DataError(f"work units of {unit_bytes} bytes: give a positive size")
-    parse_spec(tokenizer_spec)
+    raw = tokenizer_spec == RAW
+    if not raw:
+        parse_spec(tokenizer_spec)
     out = pathlib.Path(out).expanduser()
     settings = {"tokenizer": tokenizer_spec, "validation_fraction": validation_fraction,
                 "text_key": text_key, "unit_bytes": unit_bytes,
@@ -76,15 +80,18 @@ def prepare_text(inputs: list[pathlib.Path], out: pathlib.Path, tokenizer_spec: 
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(min(workers, len(units)),
                                                 mp_context=context) as pool:
-        tokenizer = load_tokenizer(out)
-        if tokenizer is None:
-            tokenizer = _new_tokenizer(tokenizer_spec, inputs, units, text_key, pool)
-            tokenizer.save(out)
-        if tokenizer.vocab_size > 2**32:
-            raise DataError(f"a vocabulary of {tokenizer.vocab_size} does not fit uint32")
-        eos = end_of_document(tokenizer)
-        if eos is None:
-            raise DataError(f"the {tokenizer_spec!r} tokenizer has no end-of-document token")
+        tokenizer, eos = None, None
+        if not raw:
+            tokenizer = load_tokenizer(out)
+            if tokenizer is None:
+                tokenizer = _new_tokenizer(tokenizer_spec, inputs, units, text_key, pool)
+                tokenizer.save(out)
+            if tokenizer.vocab_size > 2**32:
+                raise DataError(f"a vocabulary of {tokenizer.vocab_size} does not fit uint32")
+            eos = end_of_document(tokenizer)
+            if eos is None:
+                raise DataError(f"the {tokenizer_spec!r} tokenizer has no end-of-document "
+                                "token")
         todo = [u for u in units if not _done(out, u)]
         log(f"{len(units) - len(todo)} of {len(units)} units already prepared; "
             f"{len(todo)} to go on {min(workers, len(units))} processes")
@@ -262,14 +269,17 @@ def _encode(tokenizer, text: bytes, unit: Unit) -> np.ndarray:
                           [np.zeros(0, np.int32)])
 
 
-def _prepare_unit(unit: Unit, out: pathlib.Path, tokenizer, eos: int, fraction: float,
+def _prepare_unit(unit: Unit, out: pathlib.Path, tokenizer, eos: int | None, fraction: float,
                   text_key: str) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one process per core already
-    dtype = shards.token_dtype(tokenizer.vocab_size)
     train, validation = _documents(unit, text_key, fraction)
     counts = {}
     for split, documents in (("train", train), ("validation", validation)):
         name = f"{split}-{unit.number:05d}.array_record"
+        if tokenizer is None:
+            counts[split] = _write_raw(out / name, documents, unit, split)
+            continue
+        dtype = shards.token_dtype(tokenizer.vocab_size)
         tokens, n_bytes = [], 0
         for doc in documents:
             tokens.append(_encode(tokenizer, doc, unit))
@@ -285,6 +295,42 @@ def _prepare_unit(unit: Unit, out: pathlib.Path, tokenizer, eos: int, fraction: 
     tmp = out / PROGRESS / f"{unit.number:05d}.json.tmp"
     tmp.write_text(json.dumps({"unit": dataclasses.asdict(unit), **counts}) + "\n")
     tmp.rename(out / PROGRESS / f"{unit.number:05d}.json")
+
+
+def _write_raw(path: pathlib.Path, documents: list[bytes], unit: Unit, split: str) -> dict:
+    """Documents as records of UTF-8 text of at most RAW_RECORD_BYTES (cut at a line, else a
+    character), each led by a flag byte: 1 when the record ends its document."""
+    records = []
+    for doc in documents:
+        pieces = _pieces(doc)
+        for i, piece in enumerate(pieces):
+            ends = i == len(pieces) - 1 and _ends_document(unit, split)
+            records.append((b"\1" if ends else b"\0") + piece)
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    tmp = path.with_name(path.name + ".tmp")
+    writer = ArrayRecordWriter(str(tmp), shards.WRITER_OPTIONS)
+    for record in records:
+        writer.write(record)
+    writer.close()
+    tmp.rename(path)
+    return {"file": path.name, "records": len(records),
+            "bytes": sum(len(d) for d in documents) + sum(r[0] for r in records),
+            "documents": sum(r[0] for r in records), "tokens": 0}
+
+
+def _pieces(doc: bytes) -> list[bytes]:
+    pieces, at = [], 0
+    while at < len(doc):
+        end = min(at + RAW_RECORD_BYTES, len(doc))
+        if end < len(doc):
+            newline = doc.rfind(b"\n", at, end)
+            end = newline + 1 if newline > at else end
+            while end < len(doc) and doc[end] & 0xC0 == 0x80:  # not inside a character
+                end -= 1
+        pieces.append(doc[at:end])
+        at = end
+    return pieces
 
 
 def _ends_document(unit: Unit, split: str) -> bool:
@@ -311,20 +357,28 @@ def _done(out: pathlib.Path, unit: Unit) -> bool:
         unit)
 
 
-def _index(out: pathlib.Path, units: list[Unit], tokenizer, eos: int, settings: dict) -> dict:
-    splits = {s: {"shards": [], "tokens": 0, "documents": 0, "bytes": 0} for s in shards.SPLITS}
+def _index(out: pathlib.Path, units: list[Unit], tokenizer, eos: int | None,
+           settings: dict) -> dict:
+    keys = ("records", "documents", "bytes") if tokenizer is None else (
+        "tokens", "documents", "bytes")
+    splits = {s: {"shards": [], **dict.fromkeys(keys, 0)} for s in shards.SPLITS}
     for unit in units:
         done = json.loads((out / PROGRESS / f"{unit.number:05d}.json").read_text())
         for split in shards.SPLITS:
             part = done[split]
-            if part["tokens"]:
+            if part[keys[0]]:
                 splits[split]["shards"].append(part)
-            for key in ("tokens", "documents", "bytes"):
+            for key in keys:
                 splits[split][key] += part[key]
     for split, info in splits.items():
-        if info["tokens"] < 2:
-            raise DataError(f"the inputs give the {split} split {info['tokens']} tokens: give "
-                            "more text, or change --validation_fraction")
+        if info[keys[0]] < (1 if tokenizer is None else 2):
+            raise DataError(f"the inputs give the {split} split {info[keys[0]]} {keys[0]}: "
+                            "give more text, or change --validation_fraction")
+    if tokenizer is None:
+        return {"format": shards.FORMAT, "kind": "raw_text", "tokenizer": RAW,
+                "validation_fraction": settings["validation_fraction"],
+                "text_key": settings["text_key"], "splits": splits,
+                "inputs": settings["inputs"]}
     return {"format": shards.FORMAT, "kind": "text", "tokenizer": settings["tokenizer"],
             "tokenizer_sha256": shards.tokenizer_sha256(tokenizer),
             "vocab_size": tokenizer.vocab_size,

@@ -151,3 +151,37 @@ def _open(paths: list[str]):
 def _unreadable(path: str, error: Exception) -> DataError:
     reason = str(error).splitlines()[0] if str(error) else type(error).__name__
     return DataError(f"shard {path} cannot be read ({reason[:160]}): prepare the data again")
+
+
+class TextRecords:
+    """The raw text records of one split of a `prepare_data --tokenizer=none` directory:
+    `records[i]` -> (UTF-8 bytes, whether the record ends its document); picklable."""
+
+    def __init__(self, directory: str | pathlib.Path, index: dict, split: str):
+        self.directory = pathlib.Path(directory).expanduser()
+        shards = index["splits"][split]["shards"]
+        self.paths = [str(self.directory / s["file"]) for s in shards]
+        self._counts = [s["records"] for s in shards]
+        self._source = None
+
+    def __len__(self) -> int:
+        return sum(self._counts)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_source": None}
+
+    def __getitem__(self, index: int) -> tuple[bytes, bool]:
+        if self._source is None:
+            self._source = _open(self.paths)
+        try:
+            raw = self._source[index]
+        except Exception as e:  # noqa: BLE001 - the reader raises several kinds on bad files
+            raise _unreadable(f"of {self.directory}", e) from None
+        return raw[1:], raw[:1] == b"\1"
+
+    def check(self) -> None:
+        for path, expected in zip(self.paths, self._counts, strict=True):
+            records = _open([path])
+            if len(records) != expected:
+                raise DataError(f"shard {path} holds {len(records)} records, and the index "
+                                f"says {expected}: prepare the data again")

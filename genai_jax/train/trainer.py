@@ -73,12 +73,13 @@ class Run:
         stacked = jax.tree.map(lambda *xs: np.stack(xs), *[rows[i] for i in range(len(rows))])
         return parallel.global_batch(stacked, self.stacked_batch_sharding)
 
-    def batch_stream(self, step: int):
-        """This process's stacked batches of the calls from `step` to `train.steps`, read ahead
-        by the Grain pipeline (`data.workers`, `data.prefetch`): what `global_batches` gives
-        call by call, without waiting for it."""
+    def batch_stream(self, step: int, stop: int | None = None):
+        """This process's stacked batches of the calls from `step` to `stop` (default
+        `train.steps`), read ahead by the Grain pipeline (`data.workers`, `data.prefetch`): what
+        `global_batches` gives call by call, without waiting for it."""
         return self.pipeline.train.iterator(
-            step, self.config.train.steps, steps_per_call=self.steps_per_call,
+            step, self.config.train.steps if stop is None else stop,
+            steps_per_call=self.steps_per_call,
             process_index=jax.process_index(), process_count=jax.process_count(),
             workers=self.config.data.workers, prefetch=self.config.data.prefetch)
 
