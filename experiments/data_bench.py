@@ -144,12 +144,15 @@ def main(argv):
             t0 = time.perf_counter()
             first = next(stream)
             t1 = time.perf_counter()
+            per_stack = int(np.prod(first[next(iter(first))].shape[:2]))
+            unit = "tokens" if "inputs" in first else "examples"
+            del first  # batches are released as they are read, as in training
             read = 1
             for _ in stream:
                 read += 1
             t2 = time.perf_counter()
-            per_stack = int(np.prod(first[next(iter(first))].shape[:2]))
-            unit = "tokens" if "inputs" in first else "examples"
+            del _
+            data_lib.loader.close(stream)
             size = config.model.block_size if unit == "tokens" else 1
             result["first_batch_s"] = t1 - t0
             result[f"{unit}_per_s"] = (read - 1) * per_stack * size / (t2 - t1)

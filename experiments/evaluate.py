@@ -85,10 +85,14 @@ def main(argv):
         windows = info["validation_windows"]
         batches = instruction_batches(windows, batch, _MAX_BATCHES.value or len(windows["inputs"]))
         extent = {"validation_windows": len(windows["inputs"])}
-    elif models.modality(config.model.family) == "text":
+    elif "validation_tokens" in info:
         batches = sequential_batches(info["validation_tokens"], batch,
                                      config.model.block_size, _MAX_BATCHES.value)
         extent = {"validation_tokens": len(batches) * batch * config.model.block_size}
+    elif models.modality(config.model.family) == "text":
+        # text tokenised on the fly, or a mixture: the training run's random held-out windows
+        batches = run.pipeline.eval[:_MAX_BATCHES.value or None]
+        extent = {"validation_windows": len(batches) * batch}
     else:
         batches = images.eval_batches(run.pipeline.info["data"].validation, batch,
                                       _MAX_BATCHES.value)

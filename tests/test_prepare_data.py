@@ -225,3 +225,15 @@ def test_data_bench_measures_the_pipeline_and_its_memory(prepared, tmp_path, env
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["tokens_per_s"] > 0 and result["peak_rss_mb"] > 50 and result["workers"] == 1
+
+
+def test_a_run_on_raw_text_evaluates_on_its_held_out_windows(raw, tmp_path, env):
+    out, _ = raw
+    config = tiny_lm_config(**{"data.name": "array_record", "data.path": str(out),
+                               "data.tokenizer": "byte", "train.steps": 10, "eval.every": 10,
+                               "checkpoint.every": 10})
+    train(config, tmp_path, progress=False)
+    proc = cli("evaluate", f"--workdir={tmp_path}", env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["validation_windows"] == 2 * 4 and np.isfinite(result["bits_per_byte"])

@@ -120,3 +120,21 @@ class Rows:
 def epochs(source, seed: int) -> grain.MapDataset:
     """Every example of `source` once per epoch, in a fresh seeded order each epoch, endlessly."""
     return grain.MapDataset.source(source).shuffle(seed=seed % 2**32).repeat()
+
+
+def close(stream) -> None:
+    """Stop a pipeline's reader threads and worker processes now, and let the shared memory of
+    the batches it handed out be unlinked before the process exits (Grain unlinks it in a
+    background thread; batches still queued there at exit would be reported as leaked)."""
+    import gc
+
+    stream.close()
+    gc.collect()
+    try:  # a private detail of Grain's shared-memory arrays; without it, only the warning
+        from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+
+        deleter = SharedMemoryArray._del_thread_pool  # noqa: SLF001
+        if deleter is not None:
+            deleter.apply(int)  # one thread, in order: every earlier unlink has run
+    except (ImportError, AttributeError):
+        pass

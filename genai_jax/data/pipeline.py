@@ -118,7 +118,8 @@ def _array_record_pipeline(config, saved, eval_batch: int) -> Pipeline:
         eval=lm_batches.eval_batches(windows("validation", eval_batch, config.seed + 1),
                                      config.eval.steps),
         info={"tokenizer": saved or tokenizer, "bytes_per_token": bytes_per_token / sum(weights),
-              "validation_tokens": streams[0]["validation"]})
+              # the whole held-out stream, for experiments.evaluate (one source, not a mixture)
+              **({"validation_tokens": streams[0]["validation"]} if len(streams) == 1 else {})})
 
 
 def _raw_text_pipeline(config, saved, eval_batch: int) -> Pipeline:

@@ -363,7 +363,7 @@ def _loop(run: Run, progress: bool, stop_at_step: int | None) -> None:
         cleanup.callback(bar.close)
         cleanup.callback(run.checkpointer.wait)  # a save in flight always completes
         stream = run.batch_stream(step)
-        cleanup.callback(_close, stream)
+        cleanup.callback(data_lib.loader.close, stream)
         data_wait = 0.0  # seconds this process waited for the pipeline, this log window
         while step < steps:
             t_wait = time.perf_counter()
@@ -418,13 +418,6 @@ def _loop(run: Run, progress: bool, stop_at_step: int | None) -> None:
                                 "resume", stopping, step)
                 break
     run.start_step = step
-
-
-def _close(stream) -> None:
-    """Stop the pipeline's reader threads and worker processes now, not at garbage collection."""
-    close = getattr(stream, "close", None)
-    if close is not None:
-        close()
 
 
 @contextlib.contextmanager
