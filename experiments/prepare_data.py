@@ -5,7 +5,8 @@
 Text files (one document each) and JSONL (one document per line, its `--text_key` field)
 become the train and validation token streams of DIR, every document ended by the
 end-of-document token, in parallel over the CPU cores; an interrupted preparation resumes when
-run again with the same flags (`genai_jax.data.prepare`). Train on it with
+run again with the same flags (`genai_jax.data.prepare`). PNG/JPEG files (labelled by class
+folder) or MNIST IDX pairs become image records. Train on it with
 `--config.data.name=array_record --config.data.path=DIR`.
 """
 
@@ -52,8 +53,22 @@ def input_files(patterns: str) -> list[pathlib.Path]:
 @user_errors_as_one_line
 def main(argv):
     del argv
+    files = input_files(_INPUT.value)
+    images = [prepare.is_image_input(f) for f in files]
+    if any(images) and not all(images):
+        raise DataError(f"--input matches images and text ({files[images.index(True)].name}, "
+                        f"{files[images.index(False)].name}): prepare them apart")
+    if all(images):
+        index = prepare.prepare_images(files, pathlib.Path(_OUT.value),
+                                       validation_fraction=_VALIDATION.value,
+                                       workers=_WORKERS.value)
+        print(json.dumps({"out": _OUT.value, "kind": "image", "shape": index["shape"],
+                          "num_classes": index["num_classes"],
+                          **{f"{s}_images": index["splits"][s]["records"]
+                             for s in ("train", "validation")}}))
+        return
     index = prepare.prepare_text(
-        input_files(_INPUT.value), pathlib.Path(_OUT.value), _TOKENIZER.value,
+        files, pathlib.Path(_OUT.value), _TOKENIZER.value,
         validation_fraction=_VALIDATION.value, text_key=_TEXT_KEY.value,
         workers=_WORKERS.value, unit_bytes=int(_UNIT_MB.value * 2**20))
     print(json.dumps({"out": _OUT.value, "kind": index["kind"], "tokenizer": index["tokenizer"],

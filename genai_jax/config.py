@@ -70,8 +70,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if t.learning_rate <= 0 or t.min_learning_rate < 0 or t.warmup_steps < 0:
         raise ConfigError("train.learning_rate must be positive, train.min_learning_rate and "
                           "train.warmup_steps non-negative")
-    for key in ("data.workers", "data.prefetch"):
-        if get(config, key) < 0:
+    for key in ("data.workers", "data.prefetch", "data.random_crop"):
+        if (get_or_none(config, key) or 0) < 0:
             raise ConfigError(f"{key}={get(config, key)} must be >= 0")
     if not 0.0 < config.data.validation_fraction < 1.0:
         raise ConfigError(f"data.validation_fraction={config.data.validation_fraction} must be "

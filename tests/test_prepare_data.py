@@ -237,3 +237,66 @@ def test_a_run_on_raw_text_evaluates_on_its_held_out_windows(raw, tmp_path, env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["validation_windows"] == 2 * 4 and np.isfinite(result["bits_per_byte"])
+
+
+def test_mnist_idx_and_image_folders_become_image_records(tmp_path):
+    from PIL import Image
+
+    from genai_jax.data.images import load_images
+    from tests.conftest import SHARED_DATA, image_data_config
+
+    mnist = SHARED_DATA / "mnist"
+    index = prepare.prepare_images(sorted(mnist.glob("*ubyte*")), tmp_path / "mnist",
+                                   log=lambda *_: None)
+    assert index["shape"] == [28, 28, 1] and index["num_classes"] == 10
+    prepared = load_images(image_data_config("array_record", path=str(tmp_path / "mnist")))
+    direct = load_images(image_data_config("mnist_idx", path=str(mnist)))
+    for split in ("train", "validation"):  # 9,000 / 1,000, the same pixels and labels
+        a, b = getattr(prepared, split), getattr(direct, split)
+        assert len(a) == len(b) == {"train": 9000, "validation": 1000}[split]
+        rows = np.arange(0, len(a), 97)
+        for key in ("x", "label"):
+            np.testing.assert_array_equal(a.get(rows)[key], b.get(rows)[key])
+    folder = tmp_path / "pictures"
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        (folder / ("cat" if i % 2 else "dog")).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (6, 5, 3), dtype=np.uint8)).save(
+            folder / ("cat" if i % 2 else "dog") / f"{i}.png")
+    index = prepare.prepare_images(sorted(folder.rglob("*.png")), tmp_path / "folder",
+                                   validation_fraction=0.25, log=lambda *_: None)
+    prepared = load_images(image_data_config("array_record", path=str(tmp_path / "folder")))
+    direct = load_images(image_data_config("image_folder", path=str(folder),
+                                           validation_fraction=0.25))
+    assert prepared.label_names == direct.label_names == ("cat", "dog")
+    for split in ("train", "validation"):
+        a, b = getattr(prepared, split), getattr(direct, split)
+        rows = np.arange(len(b))
+        for key in ("x", "label"):
+            np.testing.assert_array_equal(a.get(rows)[key], b.get(rows)[key])
+
+
+def test_image_augmentation_is_opt_in_per_example_and_read_by_workers():
+    from genai_jax.data.images import Augment, image_batches
+    from genai_jax.data.loader import Rows
+
+    x = np.arange(16 * 8 * 8, dtype=np.uint8).reshape(16, 8, 8, 1)
+    source = Rows({"x": x, "label": np.arange(16, dtype=np.int32)})
+    plain = image_batches(source, 8, seed=0).batch(0)
+    assert any(np.array_equal(plain["x"][0], img) for img in x)  # no augmentation by default
+    cropped = image_batches(source, 8, seed=0, augment=Augment(crop_padding=2)).batch(0)
+    np.testing.assert_array_equal(cropped["label"], plain["label"])
+    moved = 0
+    for got, label in zip(cropped["x"], cropped["label"], strict=True):
+        padded = np.pad(x[label], ((2, 2), (2, 2), (0, 0)))
+        windows = [padded[i:i + 8, j:j + 8] for i in range(5) for j in range(5)]
+        assert any(np.array_equal(got, w) for w in windows)  # a crop of its own image
+        moved += not np.array_equal(got, x[label])
+    assert moved >= 4
+    flipped = image_batches(source, 8, seed=0, augment=Augment(flip=True)).batch(0)
+    assert all(np.array_equal(f, x[label]) or np.array_equal(f, x[label][:, ::-1])
+               for f, label in zip(flipped["x"], flipped["label"], strict=True))
+    augmented = image_batches(source, 8, seed=0, augment=Augment(crop_padding=2, flip=True))
+    expected = np.stack([augmented.batch(s)["x"] for s in (2, 3)])
+    (read,) = list(augmented.iterator(2, 4, steps_per_call=2, workers=1))
+    np.testing.assert_array_equal(read["x"], expected)  # the same, drawn in a worker

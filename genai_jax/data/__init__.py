@@ -24,8 +24,11 @@ def defaults(modality: str) -> dict:
                     **common)
     # name: "digits" (embedded), "mnist_idx" / "image_folder" (data.path), a toy
     # ("ring8", "moons", "swiss_roll"), or a TFDS catalog name ("mnist", "cifar10", ...).
+    # random_crop: pixels of zero padding to crop from at random (0: off); random_flip: flip
+    # horizontally half the time (off: wrong for digits). Training batches only.
     return dict(name="digits", train_split="train", eval_split="test", image_key="image",
-                label_key="label", num_points=20_000, **common)
+                label_key="label", num_points=20_000, random_crop=0, random_flip=False,
+                **common)
 
 
 __all__ = ["Batches", "DataError", "HFTokenizer", "Pipeline", "TextData", "Tokenizer", "build",

@@ -11,6 +11,8 @@
   - "image_folder": PNG/JPEG files under `data.path`, all of one size; images in class
     subfolders are labelled by the sorted subfolder names. An image is held out when a hash of
     its relative path falls in the last `validation_fraction` of the buckets.
+  - "array_record": the image records `experiments.prepare_data` wrote to the folder
+    `data.path` (from image files or MNIST IDX), read by Grain as batches need them.
   - "ring8", "moons", "swiss_roll": generated 2-D toy distributions (`genai_jax.data.toys`).
   - any other name: a TFDS catalog image data set (mnist, fashion_mnist, cifar10, celeb_a, ...)
     read with `tfds.data_source`, features `data.image_key` and `data.label_key`.
@@ -197,6 +199,20 @@ def _folder(data_cfg, name: str) -> pathlib.Path:
     if not folder.is_dir():
         raise DataError(f"data.path {data_cfg.path!r} is not a folder")
     return folder
+
+
+def array_record(data_cfg) -> tuple:
+    """The image records `experiments.prepare_data` wrote to `data.path`, read as needed."""
+    from genai_jax.data import shards
+
+    directory = _folder(data_cfg, "array_record")
+    index = shards.read_index(directory)
+    if index["kind"] != "image":
+        raise DataError(f"{directory} holds {index['kind']} data, not images")
+    splits = [shards.ImageRecords(directory, index, s) for s in shards.SPLITS]
+    for split in splits:
+        split.check()
+    return splits[0], splits[1], tuple(index["label_names"])
 
 
 def tfds_catalog(data_cfg) -> tuple[TfdsSource, TfdsSource, tuple[str, ...]]:

@@ -49,7 +49,8 @@ def load_images(data_cfg, seed: int = 0) -> ImageData:
             vx, vlabel)
         return ImageData(train, validation, "points", (2,), num_classes, name, f"toy {name!r}")
     loader = {"digits": image_sources.digits, "mnist_idx": image_sources.mnist_idx,
-              "image_folder": image_sources.image_folder}.get(name, image_sources.tfds_catalog)
+              "image_folder": image_sources.image_folder,
+              "array_record": image_sources.array_record}.get(name, image_sources.tfds_catalog)
     train, validation, names = loader(data_cfg)
     first = train.get(np.arange(1))["x"]
     if first.ndim != 4:
@@ -60,11 +61,37 @@ def load_images(data_cfg, seed: int = 0) -> ImageData:
                      where, names or None)
 
 
-def image_batches(source, batch_size: int, seed: int) -> Batches:
+def image_batches(source, batch_size: int, seed: int, augment: Augment | None = None
+                  ) -> Batches:
     """Batches of `source` epoch by epoch, each epoch in a fresh seeded order (Grain's global
     shuffle), so every example is seen once per epoch and a batch is a pure function of
-    (seed, step)."""
-    return Batches(epochs(source, seed), batch_size)
+    (seed, step); `augment`ed per example with Grain's generator for (seed, index) (in the data
+    workers when there are some)."""
+    examples = epochs(source, seed)
+    if augment is not None:
+        examples = examples.seed(seed + 3).random_map(augment)
+    return Batches(examples, batch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+    """Opt-in training augmentation: a random crop of the image padded by `crop_padding`
+    pixels of zeros on each side (`data.random_crop`), and a horizontal flip half the time
+    (`data.random_flip`; off by default: it is wrong for digits and text)."""
+
+    crop_padding: int = 0
+    flip: bool = False
+
+    def __call__(self, example: dict, rng: np.random.Generator) -> dict:
+        x = example["x"]
+        if self.crop_padding:
+            pad, (h, w) = self.crop_padding, x.shape[:2]
+            padded = np.pad(x, ((pad, pad), (pad, pad), (0, 0)))
+            i, j = rng.integers(0, 2 * pad + 1, 2)
+            x = padded[i:i + h, j:j + w]
+        if self.flip and rng.random() < 0.5:
+            x = x[:, ::-1]
+        return {**example, "x": np.ascontiguousarray(x)}
 
 
 def eval_batches(source, batch_size: int, max_batches: int) -> list[dict]:

@@ -8,8 +8,8 @@ import json
 import pathlib
 
 from genai_jax.data import instructions, lm_batches, shards
+from genai_jax.data.images import Augment, image_batches, load_images
 from genai_jax.data.images import eval_batches as image_eval_batches
-from genai_jax.data.images import image_batches, load_images
 from genai_jax.data.loader import Batches
 from genai_jax.data.text import load_text
 from genai_jax.tokenization.tokenizers import (
@@ -217,6 +217,13 @@ def _image_pipeline(config, workdir: pathlib.Path | None) -> Pipeline:
                             f"{data.description} gives {found}: use a new --workdir or the "
                             "data it was trained on")
     eval_batch = config.eval.batch_size or config.train.batch_size
-    return Pipeline(train=image_batches(data.train, config.train.batch_size, config.seed),
+    augment = None
+    if config.data.random_crop or config.data.random_flip:
+        if data.kind != "image":
+            raise DataError(f"data.random_crop / data.random_flip augment images, and "
+                            f"{data.description} holds 2-D points")
+        augment = Augment(config.data.random_crop, config.data.random_flip)
+    return Pipeline(train=image_batches(data.train, config.train.batch_size, config.seed,
+                                        augment),
                     eval=image_eval_batches(data.validation, eval_batch, config.eval.steps),
                     info=data.info)

@@ -386,3 +386,152 @@ def _index(out: pathlib.Path, units: list[Unit], tokenizer, eos: int | None,
             "end_of_document": int(eos), "chunk_tokens": shards.CHUNK_TOKENS,
             "validation_fraction": settings["validation_fraction"],
             "text_key": settings["text_key"], "splits": splits, "inputs": settings["inputs"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Images: PNG/JPEG files (labelled by class folder) or MNIST IDX pairs into image records.
+
+IMAGES_PER_UNIT = 4096
+IDX_IMAGES, IDX_LABELS = "-images-idx3-ubyte", "-labels-idx1-ubyte"
+DIGIT_NAMES = tuple(str(i) for i in range(10))
+
+
+def is_image_input(path: pathlib.Path) -> bool:
+    from genai_jax.data.image_sources import IMAGE_SUFFIXES
+
+    return path.suffix.lower() in IMAGE_SUFFIXES or IDX_IMAGES in path.name or (
+        IDX_LABELS in path.name)
+
+
+def prepare_images(inputs: list[pathlib.Path], out: pathlib.Path, *,
+                   validation_fraction: float = 0.1, workers: int = 0, log=print) -> dict:
+    """Image files (classes: their folders under the inputs' common folder; held out by a hash
+    of the relative path, as `data.name="image_folder"` does) or MNIST IDX pairs (`train-*` and
+    `t10k-*` are the splits; one pair is split by position) into image records; returns the
+    index."""
+    if not 0.0 < validation_fraction < 1.0:
+        raise DataError(f"validation_fraction={validation_fraction} must be in (0, 1)")
+    out = pathlib.Path(out).expanduser()
+    settings = {"tokenizer": "images", "validation_fraction": validation_fraction,
+                "inputs": [{"path": str(p.resolve()), "bytes": p.stat().st_size}
+                           for p in inputs]}
+    _claim(out, settings)
+    if any(IDX_IMAGES in p.name or IDX_LABELS in p.name for p in inputs):
+        kind, splits, shape, names = "idx", _idx_splits(inputs, validation_fraction), None, (
+            DIGIT_NAMES)
+    else:
+        kind, (splits, shape, names) = "folder", _folder_splits(inputs, validation_fraction)
+    units = []
+    for split, items in splits.items():
+        for start in range(0, len(items), IMAGES_PER_UNIT):
+            units.append((len(units), split, kind, items[start:start + IMAGES_PER_UNIT]))
+    todo = [u for u in units if not (out / PROGRESS / f"{u[0]:05d}.json").is_file()]
+    log(f"{len(units) - len(todo)} of {len(units)} units already prepared; {len(todo)} to go")
+    workers = min(workers or os.cpu_count() or 1, max(len(todo), 1))
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        for future in [pool.submit(_prepare_image_unit, u, out, shape) for u in todo]:
+            future.result()
+    index_splits = {s: {"shards": [], "records": 0} for s in shards.SPLITS}
+    for number, split, _, _ in units:
+        done = json.loads((out / PROGRESS / f"{number:05d}.json").read_text())
+        index_splits[split]["shards"].append(done)
+        index_splits[split]["records"] += done["records"]
+        shape = done["shape"]
+    for split, info in index_splits.items():
+        if not info["records"]:
+            raise DataError(f"the inputs give the {split} split no images: give more, or "
+                            "change --validation_fraction")
+    index = {"format": shards.FORMAT, "kind": "image", "shape": shape,
+             "num_classes": len(names), "label_names": list(names),
+             "validation_fraction": validation_fraction, "splits": index_splits,
+             "inputs": settings["inputs"]}
+    tmp = out / (shards.INDEX + ".tmp")
+    tmp.write_text(json.dumps(index, indent=1) + "\n")
+    tmp.rename(out / shards.INDEX)
+    return index
+
+
+def _idx_splits(inputs, fraction: float) -> dict:
+    """{split: [(IDX images file, labels file, row), ...]} of MNIST-format pairs."""
+    from genai_jax.data.image_sources import read_idx
+
+    pairs = {}
+    for images in (p for p in inputs if IDX_IMAGES in p.name):
+        prefix = images.name.split(IDX_IMAGES)[0]
+        labels = [p for p in inputs if p.name.startswith(prefix + IDX_LABELS)]
+        if not labels:
+            raise DataError(f"{images} has no matching {prefix}{IDX_LABELS} file among the "
+                            "inputs")
+        n, m = len(read_idx(images)), len(read_idx(labels[0]))
+        if n != m:
+            raise DataError(f"{images.name} has {n} images but {labels[0].name} has {m} labels")
+        pairs[prefix] = [(str(images), str(labels[0]), i) for i in range(n)]
+    if not pairs:
+        raise DataError("the inputs hold IDX label files but no *-images-idx3-ubyte file")
+    if "train" in pairs and "t10k" in pairs:
+        return {"train": pairs["train"], "validation": pairs["t10k"]}
+    if len(pairs) > 1:
+        raise DataError(f"the inputs hold IDX pairs {sorted(pairs)}: expected train-* and "
+                        "t10k-*, or one pair to split")
+    (whole,) = pairs.values()
+    n = int(round(len(whole) * (1 - fraction)))
+    return {"train": whole[:n], "validation": whole[n:]}
+
+
+def _folder_splits(inputs, fraction: float):
+    """({split: [(file, label), ...]}, shape, class names) of image files, all of one size."""
+    from PIL import Image
+
+    from genai_jax.data.image_sources import _bucket
+
+    root = pathlib.Path(os.path.commonpath([str(p.parent.resolve()) for p in inputs]))
+    relative = [p.resolve().relative_to(root) for p in inputs]
+    classes = sorted({r.parent.as_posix() for r in relative} - {"."})
+    if classes and any(r.parent.as_posix() == "." for r in relative):
+        raise DataError(f"the inputs mix images in class folders with images directly in "
+                        f"{root}: put every image in a class folder, or none")
+    sizes, modes = set(), set()
+    for p in inputs:
+        with Image.open(p) as image:  # reads the header only
+            sizes.add(image.size)
+            modes.add(image.mode)
+    if len(sizes) > 1:
+        raise DataError(f"the input images differ in size: {sorted(sizes)[:3]}")
+    mode = "L" if modes <= {"L", "1", "I;16"} else "RGB"
+    (width, height), = sizes
+    splits = {"train": [], "validation": []}
+    for p, r in zip(inputs, relative, strict=True):
+        label = classes.index(r.parent.as_posix()) if classes else 0
+        held_out = _bucket(r.as_posix()) < fraction
+        splits["validation" if held_out else "train"].append((str(p), label, mode))
+    return splits, [height, width, 1 if mode == "L" else 3], tuple(classes)
+
+
+def _prepare_image_unit(unit, out: pathlib.Path, shape) -> None:
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    number, split, kind, items = unit
+    name = f"{split}-{number:05d}.array_record"
+    tmp = out / (name + ".tmp")
+    writer = ArrayRecordWriter(str(tmp), shards.WRITER_OPTIONS)
+    if kind == "idx":  # items: (images file, labels file, row)
+        from genai_jax.data.image_sources import read_idx
+
+        images, labels = read_idx(pathlib.Path(items[0][0])), read_idx(pathlib.Path(items[0][1]))
+        for _, _, row in items:
+            writer.write(np.int32(labels[row]).astype("<i4").tobytes() + images[row].tobytes())
+        shape = [*images.shape[1:], 1]
+    else:  # items: (image file, label, PIL mode)
+        from PIL import Image
+
+        for path, label, mode in items:
+            with Image.open(path) as image:
+                pixels = np.asarray(image.convert(mode), np.uint8)
+            writer.write(np.int32(label).astype("<i4").tobytes() + pixels.tobytes())
+    writer.close()
+    tmp.rename(out / name)
+    record = out / PROGRESS / f"{number:05d}.json"
+    record.with_suffix(".tmp").write_text(json.dumps({"file": name, "records": len(items),
+                                                      "shape": shape}) + "\n")
+    record.with_suffix(".tmp").rename(record)

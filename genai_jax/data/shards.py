@@ -153,9 +153,9 @@ def _unreadable(path: str, error: Exception) -> DataError:
     return DataError(f"shard {path} cannot be read ({reason[:160]}): prepare the data again")
 
 
-class TextRecords:
-    """The raw text records of one split of a `prepare_data --tokenizer=none` directory:
-    `records[i]` -> (UTF-8 bytes, whether the record ends its document); picklable."""
+class _Records:
+    """The records of one split's shards, read by index; picklable (each worker process opens
+    its own readers)."""
 
     def __init__(self, directory: str | pathlib.Path, index: dict, split: str):
         self.directory = pathlib.Path(directory).expanduser()
@@ -170,18 +170,50 @@ class TextRecords:
     def __getstate__(self):
         return {**self.__dict__, "_source": None}
 
-    def __getitem__(self, index: int) -> tuple[bytes, bool]:
+    def _raw(self, index: int) -> bytes:
         if self._source is None:
             self._source = _open(self.paths)
         try:
-            raw = self._source[index]
+            return self._source[int(index)]
         except Exception as e:  # noqa: BLE001 - the reader raises several kinds on bad files
             raise _unreadable(f"of {self.directory}", e) from None
-        return raw[1:], raw[:1] == b"\1"
 
     def check(self) -> None:
+        """Open every shard and compare its record count with the index's."""
         for path, expected in zip(self.paths, self._counts, strict=True):
             records = _open([path])
             if len(records) != expected:
                 raise DataError(f"shard {path} holds {len(records)} records, and the index "
                                 f"says {expected}: prepare the data again")
+
+
+class TextRecords(_Records):
+    """The raw text records of one split of a `prepare_data --tokenizer=none` directory:
+    `records[i]` -> (UTF-8 bytes, whether the record ends its document)."""
+
+    def __getitem__(self, index: int) -> tuple[bytes, bool]:
+        raw = self._raw(index)
+        return raw[1:], raw[:1] == b"\1"
+
+
+class ImageRecords(_Records):
+    """The images of one split of a prepared image directory: `records[i]` ->
+    `{"x": uint8 [H, W, C], "label": int32}` (a record is the label as 4 little-endian bytes,
+    then the pixels); `get(indices)` stacks them."""
+
+    def __init__(self, directory: str | pathlib.Path, index: dict, split: str):
+        super().__init__(directory, index, split)
+        self.shape = tuple(index["shape"])
+
+    def __getitem__(self, index: int) -> dict:
+        raw = self._raw(index)
+        pixels = np.frombuffer(raw, np.uint8, offset=4)
+        if pixels.size != int(np.prod(self.shape)):
+            raise DataError(f"a record of {self.directory} holds {pixels.size} pixel values, "
+                            f"not an image of {self.shape}: prepare the data again")
+        return {"x": pixels.reshape(self.shape),
+                "label": np.frombuffer(raw, "<i4", count=1)[0].astype(np.int32)}
+
+    def get(self, indices) -> dict:
+        rows = [self[i] for i in indices]
+        return {k: np.stack([r[k] for r in rows]) for k in ("x", "label")}
