@@ -32,13 +32,18 @@ def inputs(tmp_path_factory):
     return folder, docs
 
 
-@pytest.fixture(scope="module")
-def prepared(inputs, tmp_path_factory):
+def prepare_inputs(inputs, tmp_path_factory, tokenizer: str):
+    """The inputs prepared with `tokenizer` in units of 4 KB on 2 processes: (DIR, index)."""
     folder, _ = inputs
-    out = tmp_path_factory.mktemp("prepared") / "shards"
-    index = prepare.prepare_text(sorted(folder.iterdir()), out, "char", unit_bytes=4000,
+    out = tmp_path_factory.mktemp(tokenizer) / "shards"
+    index = prepare.prepare_text(sorted(folder.iterdir()), out, tokenizer, unit_bytes=4000,
                                  workers=2, log=lambda *_: None)
     return out, index
+
+
+@pytest.fixture(scope="module")
+def prepared(inputs, tmp_path_factory):
+    return prepare_inputs(inputs, tmp_path_factory, "char")
 
 
 def split_documents(out, index, split: str) -> list[str]:
@@ -173,11 +178,7 @@ def test_a_mixture_draws_its_sources_in_proportion(tmp_path):
 
 @pytest.fixture(scope="module")
 def raw(inputs, tmp_path_factory):
-    folder, _ = inputs
-    out = tmp_path_factory.mktemp("raw") / "text"
-    index = prepare.prepare_text(sorted(folder.iterdir()), out, "none", unit_bytes=4000,
-                                 workers=2, log=lambda *_: None)
-    return out, index
+    return prepare_inputs(inputs, tmp_path_factory, "none")
 
 
 @pytest.mark.parametrize("tokenizer", ["byte", "gpt2"])

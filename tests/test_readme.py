@@ -57,6 +57,12 @@ ELSEWHERE = {
     "python -m pallas_kernels.benchmark": "its defaults are GPU-sized; tests/pallas/"
                                           "test_benchmark.py::test_benchmark_prints_json_last "
                                           "runs it on small shapes",
+    "data/c2000": "a 2 GB corpus (minutes and 6 GB of disk): test_prepare_data.py::"
+                  "test_data_bench_measures_the_pipeline_and_its_memory generates a small one "
+                  "and measures the pipeline; the Data-at-scale commands before it prepare and "
+                  "train on one",
+    "data/s2000": "the 2 GB corpus's shards: test_prepare_data.py::"
+                  "test_data_bench_measures_the_pipeline_and_its_memory",
     "gcloud compute tpus": "needs a Cloud TPU slice; the command it runs on each worker is "
                            "the multi-host one above",
     "--workdir=runs/dp8": "test_data_parallel_cli.py::"
@@ -128,7 +134,9 @@ def test_readme_commands_are_all_known():
                              ["python", "-m", "experiments.export_checkpoint"],
                              ["python", "-m", "experiments.export_compiled"],
                              ["python", "-m", "experiments.serve"],
-                             ["python", "-m", "experiments.serve_bench"]) or words[0] == "curl" \
+                             ["python", "-m", "experiments.serve_bench"],
+                             ["python", "-m", "experiments.prepare_data"],
+                             ["python", "-m", "experiments.data_bench"]) or words[0] == "curl" \
             or words == ["make", "train"], \
             f"README command neither runnable here nor in ELSEWHERE: {command}"
 
