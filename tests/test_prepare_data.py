@@ -212,7 +212,7 @@ def test_raw_text_is_tokenised_on_the_fly_into_packed_documents(inputs, raw, tok
 
 
 def test_data_bench_measures_the_pipeline_and_its_memory(prepared, tmp_path, env):
-    from experiments.data_bench import generate_corpus
+    from experiments.corpus import generate_corpus
 
     made = generate_corpus(tmp_path / "corpus", 1)
     assert made["bytes"] >= 10**6 and made["documents"] > 100
