@@ -9,7 +9,7 @@ row `i % B` of the global batch of step `i // B` (B = `train.batch_size`), a pur
 what was read before it, on how many workers read them, or on how many hosts share them: a
 resumed run (with any number of workers, on any number of hosts with the same global batch)
 sees exactly the batches of an uninterrupted one. The pipeline's whole position is the step,
-which every checkpoint holds (`data_step`, with the example index it stands for).
+which every checkpoint holds (`data_step`).
 """
 
 from __future__ import annotations

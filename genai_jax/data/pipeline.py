@@ -93,8 +93,11 @@ def _array_record_pipeline(config, saved, eval_batch: int) -> Pipeline:
     directory of `data.mixture`, drawn in its proportions), read from the shards as they are
     needed (`shards.TokenStream`)."""
     sources = _mixture(config.data) if config.data.mixture else [(config.data.path, 1.0)]
-    if len(sources) == 1 and shards.read_index(_directory(sources[0][0]))["kind"] == "raw_text":
-        return _raw_text_pipeline(config, saved, eval_batch)
+    if len(sources) == 1:
+        directory = _directory(sources[0][0])
+        index = shards.read_index(directory)
+        if index["kind"] == "raw_text":
+            return _raw_text_pipeline(config, saved, eval_batch, directory, index)
     streams, weights, bytes_per_token, fingerprints = [], [], 0.0, set()
     for path, weight in sources:
         directory, index, tokenizer = _prepared(config, path, saved)
@@ -122,11 +125,10 @@ def _array_record_pipeline(config, saved, eval_batch: int) -> Pipeline:
               **({"validation_tokens": streams[0]["validation"]} if len(streams) == 1 else {})})
 
 
-def _raw_text_pipeline(config, saved, eval_batch: int) -> Pipeline:
+def _raw_text_pipeline(config, saved, eval_batch: int, directory: pathlib.Path,
+                       index: dict) -> Pipeline:
     """Windows tokenised on the fly (`lm_batches.TokenizedWindow`, in the data workers) from
     the raw text records of a `prepare_data --tokenizer=none` directory."""
-    directory = _directory(config.data.path)
-    index = shards.read_index(directory)
     if parse_spec(config.data.tokenizer)[0] in ("char", "bpe"):
         raise DataError(f"data.tokenizer={config.data.tokenizer!r} is built from the data, so "
                         f"it cannot tokenise {directory} on the fly: prepare the data with "

@@ -104,9 +104,7 @@ def prepare_text(inputs: list[pathlib.Path], out: pathlib.Path, tokenizer_spec: 
     if todo:
         log(f"prepared {size / 1e6:.1f} MB in {seconds:.1f} s ({size / 1e6 / seconds:.1f} MB/s)")
     index = _index(out, units, tokenizer, eos, settings)
-    tmp = out / (shards.INDEX + ".tmp")
-    tmp.write_text(json.dumps(index, indent=1) + "\n")
-    tmp.rename(out / shards.INDEX)
+    _write_json(out / shards.INDEX, index)
     return index
 
 
@@ -124,7 +122,7 @@ def _claim(out: pathlib.Path, settings: dict) -> None:
     if out.exists() and any(out.iterdir()):
         raise DataError(f"--out {out} is not empty and holds no preparation: use a new --out")
     (out / PROGRESS).mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(settings, indent=1) + "\n")
+    _write_json(record, settings)
 
 
 def _units(inputs: list[pathlib.Path], unit_bytes: int, fraction: float) -> list[Unit]:
@@ -288,13 +286,13 @@ def _prepare_unit(unit: Unit, out: pathlib.Path, tokenizer, eos: int | None, fra
                 tokens.append(np.array([eos], np.int32))
                 n_bytes += 1  # the end-of-document byte, as the byte tokenizer counts it
         stream = np.concatenate(tokens).astype(dtype) if tokens else np.zeros(0, dtype)
-        _write(out / name, stream)
+        _write_records(out / name, (stream[i:i + shards.CHUNK_TOKENS].tobytes()
+                                    for i in range(0, len(stream), shards.CHUNK_TOKENS)))
         counts[split] = {"file": name, "tokens": len(stream), "bytes": n_bytes,
                          "documents": len(documents) if unit.jsonl else int(
                              _ends_document(unit, split) and bool(documents))}
-    tmp = out / PROGRESS / f"{unit.number:05d}.json.tmp"
-    tmp.write_text(json.dumps({"unit": dataclasses.asdict(unit), **counts}) + "\n")
-    tmp.rename(out / PROGRESS / f"{unit.number:05d}.json")
+    _write_json(out / PROGRESS / f"{unit.number:05d}.json",
+                {"unit": dataclasses.asdict(unit), **counts})
 
 
 def _write_raw(path: pathlib.Path, documents: list[bytes], unit: Unit, split: str) -> dict:
@@ -306,14 +304,7 @@ def _write_raw(path: pathlib.Path, documents: list[bytes], unit: Unit, split: st
         for i, piece in enumerate(pieces):
             ends = i == len(pieces) - 1 and _ends_document(unit, split)
             records.append((b"\1" if ends else b"\0") + piece)
-    from array_record.python.array_record_module import ArrayRecordWriter
-
-    tmp = path.with_name(path.name + ".tmp")
-    writer = ArrayRecordWriter(str(tmp), shards.WRITER_OPTIONS)
-    for record in records:
-        writer.write(record)
-    writer.close()
-    tmp.rename(path)
+    _write_records(path, records)
     return {"file": path.name, "records": len(records),
             "bytes": sum(len(d) for d in documents) + sum(r[0] for r in records),
             "documents": sum(r[0] for r in records), "tokens": 0}
@@ -340,14 +331,26 @@ def _ends_document(unit: Unit, split: str) -> bool:
                           .stat().st_size)
 
 
-def _write(path: pathlib.Path, stream: np.ndarray) -> None:
+def _write_records(path: pathlib.Path, records) -> int:
+    """Write the byte strings `records` to the ArrayRecord file `path`, which appears (by a
+    rename) only once complete; returns how many there were."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
     tmp = path.with_name(path.name + ".tmp")
     writer = ArrayRecordWriter(str(tmp), shards.WRITER_OPTIONS)
-    for start in range(0, len(stream), shards.CHUNK_TOKENS):
-        writer.write(stream[start:start + shards.CHUNK_TOKENS].tobytes())
+    count = 0
+    for record in records:
+        writer.write(record)
+        count += 1
     writer.close()
+    tmp.rename(path)
+    return count
+
+
+def _write_json(path: pathlib.Path, value) -> None:
+    """`value` as JSON at `path`, which appears (by a rename) only once complete."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1) + "\n")
     tmp.rename(path)
 
 
@@ -446,9 +449,7 @@ def prepare_images(inputs: list[pathlib.Path], out: pathlib.Path, *,
              "num_classes": len(names), "label_names": list(names),
              "validation_fraction": validation_fraction, "splits": index_splits,
              "inputs": settings["inputs"]}
-    tmp = out / (shards.INDEX + ".tmp")
-    tmp.write_text(json.dumps(index, indent=1) + "\n")
-    tmp.rename(out / shards.INDEX)
+    _write_json(out / shards.INDEX, index)
     return index
 
 
@@ -509,29 +510,28 @@ def _folder_splits(inputs, fraction: float):
 
 
 def _prepare_image_unit(unit, out: pathlib.Path, shape) -> None:
-    from array_record.python.array_record_module import ArrayRecordWriter
-
     number, split, kind, items = unit
     name = f"{split}-{number:05d}.array_record"
-    tmp = out / (name + ".tmp")
-    writer = ArrayRecordWriter(str(tmp), shards.WRITER_OPTIONS)
     if kind == "idx":  # items: (images file, labels file, row)
         from genai_jax.data.image_sources import read_idx
 
         images, labels = read_idx(pathlib.Path(items[0][0])), read_idx(pathlib.Path(items[0][1]))
-        for _, _, row in items:
-            writer.write(np.int32(labels[row]).astype("<i4").tobytes() + images[row].tobytes())
+        records = (_image_record(labels[row], images[row]) for _, _, row in items)
         shape = [*images.shape[1:], 1]
     else:  # items: (image file, label, PIL mode)
-        from PIL import Image
+        records = (_image_record(label, _pixels(path, mode)) for path, label, mode in items)
+    _write_records(out / name, records)
+    _write_json(out / PROGRESS / f"{number:05d}.json",
+                {"file": name, "records": len(items), "shape": shape})
 
-        for path, label, mode in items:
-            with Image.open(path) as image:
-                pixels = np.asarray(image.convert(mode), np.uint8)
-            writer.write(np.int32(label).astype("<i4").tobytes() + pixels.tobytes())
-    writer.close()
-    tmp.rename(out / name)
-    record = out / PROGRESS / f"{number:05d}.json"
-    record.with_suffix(".tmp").write_text(json.dumps({"file": name, "records": len(items),
-                                                      "shape": shape}) + "\n")
-    record.with_suffix(".tmp").rename(record)
+
+def _image_record(label, pixels: np.ndarray) -> bytes:
+    """The label as 4 little-endian bytes, then the uint8 pixels (`shards.ImageRecords`)."""
+    return np.int32(label).astype("<i4").tobytes() + np.asarray(pixels, np.uint8).tobytes()
+
+
+def _pixels(path: str, mode: str) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert(mode), np.uint8)

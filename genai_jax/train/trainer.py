@@ -68,9 +68,9 @@ class Run:
     def global_batches(self, step: int) -> dict:
         """The batches of the `steps_per_call` steps from `step`, stacked: `[k, batch, ...]`
         (read at once; the training loop reads ahead with `batch_stream`)."""
-        rows = self.pipeline.train.steps(step, self.steps_per_call, jax.process_index(),
-                                         jax.process_count())
-        stacked = jax.tree.map(lambda *xs: np.stack(xs), *[rows[i] for i in range(len(rows))])
+        k = self.steps_per_call
+        stacked = self.pipeline.train.steps(step, k, jax.process_index(),
+                                            jax.process_count()).batch(k)[0]
         return parallel.global_batch(stacked, self.stacked_batch_sharding)
 
     def batch_stream(self, step: int, stop: int | None = None):
@@ -407,9 +407,8 @@ def _loop(run: Run, progress: bool, stop_at_step: int | None) -> None:
                                 per_s=f"{record[throughput]:.0f}", refresh=False)
             bar.update(k)
             if do_ckpt:
-                # The pipeline's position: batches are a function of (seed, step).
-                run.checkpointer.save(step, run.state, {
-                    "data_step": step, "data_example": step * cfg.train.batch_size})
+                # The pipeline's whole position: batches are a function of (seed, step).
+                run.checkpointer.save(step, run.state, {"data_step": step})
                 good_step = step
             if do_log:
                 window_start, window_step = time.perf_counter(), step
