@@ -7,6 +7,7 @@ import functools
 import os
 import pathlib
 import sys
+import threading
 import traceback
 
 import jax
@@ -95,6 +96,8 @@ def user_errors_as_one_line(main):
     @functools.wraps(main)
     def wrapped(argv):
         logging.get_absl_logger().addFilter(_no_library_tracebacks)
+        if not isinstance(sys.stderr, _Stderr):
+            sys.stderr = _Stderr(sys.stderr)
         try:
             return main(argv)
         except UserError as e:
@@ -109,15 +112,47 @@ def user_errors_as_one_line(main):
 
 
 def _exit_with_error(line: str, hard: bool = True) -> None:
-    """`error: line` on stderr, exit status 2. `hard` ends the process at once, as every
-    process of a multi-process run that fails must: the others are leaving too, so JAX's own
-    exit (a shutdown barrier of all processes) would abort, and a process that heard of
-    another's failure has its main thread blocked in a collective."""
-    sys.stderr.write(f"error: {line}\n")  # one write: other threads may print too
+    """`error: line` on stderr, on a line of its own and last, exit status 2. `hard` ends the
+    process at once, as every process of a multi-process run that fails must: the others are
+    leaving too, so JAX's own exit (a shutdown barrier of all processes) would abort, and a
+    process that heard of another's failure has its main thread blocked in a collective."""
+    if isinstance(sys.stderr, _Stderr):
+        sys.stderr.last_word(f"error: {line}\n")
+    else:
+        sys.stderr.write(f"error: {line}\n")
     sys.stderr.flush()
     if hard:
         os._exit(2)
     sys.exit(2)
+
+
+class _Stderr:
+    """sys.stderr, knowing whether its last write ended a line, so that the `error: ...` line
+    starts one and nothing follows it. TensorStore's threads print tracebacks of their own piece
+    by piece after a failed write ("Event loop is closed", upstream noise), which could
+    otherwise cut the error line in two or bury it."""
+
+    def __init__(self, stream):
+        self._stream, self._lock = stream, threading.Lock()
+        self._at_line_start, self._only = True, None
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            if self._only is not None and threading.get_ident() != self._only:
+                return len(text)  # after the error line: other threads' noise is dropped
+            if text:
+                self._at_line_start = text.endswith("\n")
+            return self._stream.write(text)
+
+    def last_word(self, text: str) -> None:
+        """Write `text` at the start of a line; from now on only this thread writes."""
+        with self._lock:
+            self._only = threading.get_ident()
+            self._stream.write(text if self._at_line_start else "\n" + text)
+            self._at_line_start = True
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 def _no_library_tracebacks(record) -> bool:

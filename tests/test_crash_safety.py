@@ -165,3 +165,25 @@ def test_a_stale_lock_is_taken_over(tmp_path, text_file, caplog):
     assert any("pid 999999" in r.getMessage() and "did not end cleanly" in r.getMessage()
                for r in caplog.records)
     assert read_metrics(workdir)[-1]["step"] == 2
+
+
+def test_the_error_line_starts_a_line_and_ends_the_output():
+    """Library threads print tracebacks piece by piece (TensorStore after a failed write): the
+    error line still starts a line of its own and nothing of theirs follows it."""
+    import io
+    import threading
+
+    from experiments.common import _Stderr
+
+    stream = io.StringIO()
+    err = _Stderr(stream)
+    other = threading.Thread(target=err.write, args=('  File "base_events.py", line 806',))
+    other.start()
+    other.join()
+    err.last_word("error: could not write the checkpoint\n")
+    late = threading.Thread(target=err.write, args=("RuntimeError: Event loop is closed\n",))
+    late.start()
+    late.join()
+    err.write("exiting\n")  # the thread that wrote the error line still writes
+    assert stream.getvalue().splitlines() == [
+        '  File "base_events.py", line 806', "error: could not write the checkpoint", "exiting"]
