@@ -32,6 +32,8 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # the progress bar and metrics.jsonl say enough
     run = train(config, _WORKDIR.value)
+    if run.privacy is not None and jax.process_index() == 0:
+        print(f"privacy after step {run.start_step}: {run.privacy.describe(run.start_step)}")
     if _SAMPLE.value and run.start_step >= config.train.steps:  # not after a preemption
         # Every process samples and draws (the parameters may be spread over all of them);
         # process 0 writes the files and prints.

@@ -13,9 +13,17 @@ import json
 import pathlib
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from genai_jax import data, models, parallel
-from genai_jax.config_checks import ConfigError, check_positive, get, get_or_none
+from genai_jax.config_checks import (
+    ConfigError,
+    check_choices,
+    check_positive,
+    get,
+    get_or_none,
+    privacy_enabled,
+)
 
 
 def base_config(family: str = "transformer") -> ml_collections.ConfigDict:
@@ -32,6 +40,15 @@ def base_config(family: str = "transformer") -> ml_collections.ConfigDict:
                    warmup_steps=100, weight_decay=0.1, b1=0.9, b2=0.99, grad_clip=1.0,
                    grad_accum_steps=1, ema_decay=0.0, log_every=50,
                    steps_per_call=1)
+    # DP-SGD (`genai_jax.optim.dp`), on when a noise multiplier or a target epsilon is set:
+    # per-example gradients clipped to clip_norm, Gaussian noise of noise_multiplier x
+    # clip_norm (solved from target_epsilon over train.steps when unset); sampling "poisson"
+    # (what the accountant assumes) or "shuffle" (fixed batches: no guarantee); accountant
+    # "rdp" or "pld"; per_example_chunk: examples whose gradients are computed at once (0: a
+    # whole micro-batch). train.grad_clip must be 0.
+    c.train.privacy = ml_collections.ConfigDict(dict(
+        noise_multiplier=placeholder(float), target_epsilon=placeholder(float), clip_norm=1.0,
+        delta=1e-5, sampling="poisson", accountant="rdp", per_example_chunk=0))
     # eval.batch_size 0: train.batch_size
     c.eval = dict(every=250, steps=20, batch_size=0, **defaults.get("eval", {}))
     c.checkpoint = dict(every=500, keep=3, async_save=True)
@@ -79,7 +96,32 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.data.path and not pathlib.Path(config.data.path).expanduser().exists():
         raise ConfigError(f"data.path {config.data.path!r} does not exist")
     parallel.rules_from_config(config.mesh)
+    _validate_privacy(config)
     models.module(config.model.family).validate(config)
+
+
+def _validate_privacy(config) -> None:
+    p = config.train.privacy
+    check_choices(config, {"train.privacy.sampling": ("poisson", "shuffle"),
+                           "train.privacy.accountant": ("rdp", "pld")})
+    if not privacy_enabled(config):
+        return
+    if config.train.grad_clip > 0 and config.model.family != "gan":  # the GAN has none
+        raise ConfigError(f"train.grad_clip={config.train.grad_clip} clips the batch gradient, "
+                          "which DP-SGD replaces with per-example clipping "
+                          "(train.privacy.clip_norm): set --config.train.grad_clip=0")
+    if not p.clip_norm > 0 or not 0 < p.delta < 1 or p.per_example_chunk < 0:
+        raise ConfigError("train.privacy.clip_norm must be positive, train.privacy.delta in "
+                          "(0, 1) and train.privacy.per_example_chunk >= 0")
+    if p.noise_multiplier is not None and p.noise_multiplier < 0:
+        raise ConfigError(f"train.privacy.noise_multiplier={p.noise_multiplier} must be >= 0")
+    if p.target_epsilon is not None and not p.target_epsilon > 0:
+        raise ConfigError(f"train.privacy.target_epsilon={p.target_epsilon} must be positive")
+    micro = config.train.batch_size // config.train.grad_accum_steps
+    if p.per_example_chunk and micro % p.per_example_chunk:
+        raise ConfigError(f"train.privacy.per_example_chunk={p.per_example_chunk} must divide "
+                          f"the micro-batch of {micro} (train.batch_size / "
+                          "train.grad_accum_steps)")
 
 
 # model.* keys a run started from another (`init_from`) may set its own way: how the same
@@ -149,7 +191,9 @@ def load(path: pathlib.Path) -> ml_collections.ConfigDict:
 
 # Keys whose change makes a checkpoint unusable (the state's shapes or meaning), and the keys
 # inside them that only change how the same state is computed with.
-_STATE_KEYS = ("model", "data.name", "data.tokenizer", "train.ema_decay", "train.grad_clip")
+# A run's privacy settings are part of what it is: its guarantee covers all of its steps.
+_STATE_KEYS = ("model", "data.name", "data.tokenizer", "train.ema_decay", "train.grad_clip",
+               "train.privacy")
 _COMPUTE_ONLY = ("model.remat", "model.attention", "model.kernels")
 
 

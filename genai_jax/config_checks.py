@@ -41,3 +41,9 @@ def check_positive(config, keys) -> None:
     for key in keys:
         if get(config, key) <= 0:
             raise ConfigError(f"{key}={get(config, key)} must be positive")
+
+
+def privacy_enabled(config) -> bool:
+    """DP-SGD is on when `train.privacy` sets a noise multiplier or a target epsilon."""
+    p = get_or_none(config, "train.privacy")
+    return p is not None and (p.noise_multiplier is not None or p.target_epsilon is not None)

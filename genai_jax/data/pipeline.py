@@ -7,7 +7,8 @@ import dataclasses
 import json
 import pathlib
 
-from genai_jax.data import instructions, lm_batches, shards
+from genai_jax.config_checks import privacy_enabled
+from genai_jax.data import instructions, lm_batches, private, shards
 from genai_jax.data.images import Augment, image_batches, load_images
 from genai_jax.data.images import eval_batches as image_eval_batches
 from genai_jax.data.loader import Batches
@@ -40,11 +41,16 @@ class Pipeline:
             (workdir / IMAGE_INFO_FILE).write_text(json.dumps(_shape_info(self.info)) + "\n")
 
 
-def build(config, modality: str, workdir: pathlib.Path | None = None) -> Pipeline:
+def build(config, modality: str, workdir: pathlib.Path | None = None,
+          batch_multiple: int = 1) -> Pipeline:
     """The pipeline for `config`; a tokenizer saved in `workdir` is reused (resume), else that
-    of the run `config.init_from` names (fine-tuning keeps its base model's tokenizer)."""
+    of the run `config.init_from` names (fine-tuning keeps its base model's tokenizer).
+
+    Under DP-SGD (`train.privacy`) the training batches sample privacy units
+    (`genai_jax.data.private`), padded to a multiple of `batch_multiple` rows, and `info`
+    has their number (`privacy_units`)."""
     if modality == "image":
-        return _image_pipeline(config, workdir)
+        return _image_pipeline(config, workdir, batch_multiple)
     if modality != "text":
         raise DataError(f"no input pipeline for data of modality {modality!r}")
     saved = None
@@ -53,10 +59,14 @@ def build(config, modality: str, workdir: pathlib.Path | None = None) -> Pipelin
             saved = load_tokenizer(pathlib.Path(directory))
     block, batch = config.model.block_size, config.train.batch_size
     eval_batch = config.eval.batch_size or batch
+    if privacy_enabled(config) and (config.data.name == "instructions" or config.data.mixture):
+        raise DataError("DP-SGD (train.privacy) samples fixed windows of one token stream: "
+                        "it does not support data.name='instructions' or data.mixture yet")
     if config.data.name == "instructions":
         return _instruction_pipeline(config, saved, eval_batch)
     if config.data.name == "array_record":
-        return _array_record_pipeline(config, saved, eval_batch)
+        return _private(config, _array_record_pipeline(config, saved, eval_batch),
+                        batch_multiple)
     if config.data.mixture:
         raise DataError("data.mixture mixes prepared directories: set "
                         "data.name='array_record' (experiments.prepare_data writes them)")
@@ -65,13 +75,30 @@ def build(config, modality: str, workdir: pathlib.Path | None = None) -> Pipelin
     if config.data.packing and end is None:
         raise DataError(f"data.packing=true needs an end-of-document token, and the "
                         f"{config.data.tokenizer!r} tokenizer has none")
-    return Pipeline(
+    return _private(config, Pipeline(
         train=lm_batches.windows(text.train, batch, block, config.seed, end),
         eval=lm_batches.eval_batches(
             lm_batches.windows(text.validation, eval_batch, block, config.seed + 1, end),
             config.eval.steps),
         info={"tokenizer": text.tokenizer, "bytes_per_token": text.bytes_per_token,
-              "validation_tokens": text.validation})
+              "validation_tokens": text.validation, "train_tokens": text.train,
+              "end_of_document": end}), batch_multiple)
+
+
+def _private(config, pipeline: Pipeline, batch_multiple: int) -> Pipeline:
+    """`pipeline` with DP-SGD's batches of non-overlapping windows of its training stream
+    (`private.WindowUnits`) when `train.privacy` is on."""
+    if not privacy_enabled(config):
+        return pipeline
+    if "train_tokens" not in pipeline.info:
+        raise DataError("DP-SGD (train.privacy) samples fixed windows of a token stream: "
+                        "raw text tokenised on the fly is not supported yet (prepare the "
+                        "data with a tokenizer)")
+    units = private.WindowUnits(pipeline.info["train_tokens"], config.model.block_size,
+                                pipeline.info["end_of_document"])
+    return dataclasses.replace(pipeline, train=private.private_batches(
+        units, config.train.privacy, config.train.batch_size, config.train.steps, config.seed,
+        batch_multiple), info={**pipeline.info, "privacy_units": len(units)})
 
 
 def _instruction_pipeline(config, tokenizer, eval_batch: int) -> Pipeline:
@@ -121,8 +148,11 @@ def _array_record_pipeline(config, saved, eval_batch: int) -> Pipeline:
         eval=lm_batches.eval_batches(windows("validation", eval_batch, config.seed + 1),
                                      config.eval.steps),
         info={"tokenizer": saved or tokenizer, "bytes_per_token": bytes_per_token / sum(weights),
-              # the whole held-out stream, for experiments.evaluate (one source, not a mixture)
-              **({"validation_tokens": streams[0]["validation"]} if len(streams) == 1 else {})})
+              # the whole streams of one source (not a mixture): experiments.evaluate reads
+              # the held-out one, DP-SGD samples windows of the training one
+              **({"validation_tokens": streams[0]["validation"],
+                  "train_tokens": streams[0]["train"], "end_of_document": end}
+                 if len(streams) == 1 else {})})
 
 
 def _raw_text_pipeline(config, saved, eval_batch: int, directory: pathlib.Path,
@@ -209,7 +239,7 @@ def _shape_info(info: dict) -> dict:
     return {"shape": list(info["shape"]), "num_classes": info["num_classes"]}
 
 
-def _image_pipeline(config, workdir: pathlib.Path | None) -> Pipeline:
+def _image_pipeline(config, workdir: pathlib.Path | None, batch_multiple: int) -> Pipeline:
     data = load_images(config.data, config.seed)
     saved = workdir / IMAGE_INFO_FILE if workdir else None
     if saved and saved.exists():
@@ -225,7 +255,14 @@ def _image_pipeline(config, workdir: pathlib.Path | None) -> Pipeline:
             raise DataError(f"data.random_crop / data.random_flip augment images, and "
                             f"{data.description} holds 2-D points")
         augment = Augment(config.data.random_crop, config.data.random_flip)
-    return Pipeline(train=image_batches(data.train, config.train.batch_size, config.seed,
-                                        augment),
+    info = data.info
+    if privacy_enabled(config):  # the privacy unit: an image
+        train = private.private_batches(data.train, config.train.privacy,
+                                        config.train.batch_size, config.train.steps,
+                                        config.seed, batch_multiple, augment)
+        info = {**info, "privacy_units": len(data.train)}
+    else:
+        train = image_batches(data.train, config.train.batch_size, config.seed, augment)
+    return Pipeline(train=train,
                     eval=image_eval_batches(data.validation, eval_batch, config.eval.steps),
-                    info=data.info)
+                    info=info)

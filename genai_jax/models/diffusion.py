@@ -43,7 +43,13 @@ from genai_jax.models import images
 from genai_jax.models.family import Family
 from genai_jax.nn import IMPLEMENTATIONS, REMAT_POLICIES
 from genai_jax.nn.unet import UNetConfig, make_denoiser
-from genai_jax.optim import TrainState, learning_rate_schedule, make_optimizer, make_train_step
+from genai_jax.optim import (
+    TrainState,
+    learning_rate_schedule,
+    make_optimizer,
+    make_train_step,
+    privacy_from_config,
+)
 from genai_jax.sampling import diffusion as diff
 
 EVAL_NOISE_SEED = 1234  # the held-out loss uses the same noise at every evaluation
@@ -182,7 +188,8 @@ def build(config, data_info: dict) -> Family:
         config, data_info, init=init,
         train_step=make_train_step(loss_fn, tx, accum_steps=config.train.grad_accum_steps,
                                    ema_decay=config.train.ema_decay,
-                                   schedule=learning_rate_schedule(config.train)),
+                                   schedule=learning_rate_schedule(config.train),
+                                   privacy=privacy_from_config(config, data_info)),
         eval_step=eval_step, generate=sample_fn, extras=_extras(config, data_info, sample_fn))
 
 

@@ -49,7 +49,8 @@ from genai_jax.models.gan_nets import (
     make_generator,
     power_iteration,
 )
-from genai_jax.optim import accumulate_gradients, ema_update, init_ema
+from genai_jax.optim import accumulate_gradients, ema_update, init_ema, privacy_from_config
+from genai_jax.optim.dp import private_gradients
 
 LOSSES = ("non_saturating", "hinge")
 REGULARIZATIONS = ("r1", "spectral_norm", "none")
@@ -142,6 +143,9 @@ def build(config, data_info: dict) -> Family:
                         nnx.Param, SpectralVector)[0]
     g_tx = optax.adam(m.g_learning_rate, b1=m.b1, b2=m.b2)
     d_tx = optax.adam(m.d_learning_rate, b1=m.b1, b2=m.b2)
+    # DP-SGD trains D, the only network that sees the data, on per-example gradients (its R1
+    # penalty included); G learns from the private D only, with labels of its own.
+    privacy = privacy_from_config(config, data_info)
 
     def generator(params, z, labels):
         return nnx.merge(g_graph, params)(z, labels)
@@ -190,14 +194,24 @@ def build(config, data_info: dict) -> Family:
                 aux["r1"] = penalty
             return loss, aux
 
-        def d_grad_fn(d_params, mb, _):
+        def d_loss_of_batch(d_params, mb, _):
             # Fakes get the real batch's labels, so both see the same class frequencies.
             fake = generator(state.g_params, mb["z"], mb["label"])
-            return jax.value_and_grad(d_loss_fn, has_aux=True)(
-                d_params, images.to_model(mb["x"]), fake, mb["label"])
+            return d_loss_fn(d_params, images.to_model(mb["x"]), fake, mb["label"])
 
-        (d_loss, d_aux), d_grads = accumulate_gradients(d_grad_fn, state.d_params, batch, rng,
-                                                        accum_steps)
+        if privacy is None:
+            (d_loss, d_aux), d_grads = accumulate_gradients(
+                jax.value_and_grad(d_loss_of_batch, has_aux=True), state.d_params, batch, rng,
+                accum_steps)
+            g_batch = batch
+        else:
+            d_loss, d_aux, d_grads = private_gradients(d_loss_of_batch, state.d_params, batch,
+                                                       rng, privacy, accum_steps)
+            # The batch's labels are private: G's step draws its own, uniformly.
+            g_labels = (jax.random.randint(jax.random.fold_in(rng, 1), batch["label"].shape, 0,
+                                           cfg.num_classes) if cfg.num_classes else
+                        jnp.zeros_like(batch["label"]))
+            g_batch = {"z": batch["z"], "label": g_labels}
         d_updates, d_opt_state = d_tx.update(d_grads, state.d_opt_state, state.d_params)
         d_params = optax.apply_updates(state.d_params, d_updates)
 
@@ -205,7 +219,8 @@ def build(config, data_info: dict) -> Family:
             return jax.value_and_grad(lambda p: g_loss_terms(m.loss, discriminator(
                 d_params, sn_state, generator(p, mb["z"], mb["label"]), mb["label"])))(g_params)
 
-        g_loss, g_grads = accumulate_gradients(g_grad_fn, state.g_params, batch, rng, accum_steps)
+        g_loss, g_grads = accumulate_gradients(g_grad_fn, state.g_params, g_batch, rng,
+                                               accum_steps)
         g_updates, g_opt_state = g_tx.update(g_grads, state.g_opt_state, state.g_params)
         g_params = optax.apply_updates(state.g_params, g_updates)
 

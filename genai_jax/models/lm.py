@@ -24,7 +24,13 @@ from genai_jax.models.transformer import (
     init_cache,
 )
 from genai_jax.nn import IMPLEMENTATIONS, REMAT_POLICIES, Dense, LoRA, LoRAParam
-from genai_jax.optim import TrainState, learning_rate_schedule, make_optimizer, make_train_step
+from genai_jax.optim import (
+    TrainState,
+    learning_rate_schedule,
+    make_optimizer,
+    make_train_step,
+    privacy_from_config,
+)
 from genai_jax.sampling.decode import generate
 from genai_jax.tokenization.tokenizers import parse_spec
 
@@ -240,7 +246,8 @@ def build(config, data_info: dict) -> Family:
         init=init, init_from_params=init_from_params, export_params=export_params,
         train_step=make_train_step(loss_fn, tx, accum_steps=config.train.grad_accum_steps,
                                    ema_decay=config.train.ema_decay,
-                                   schedule=learning_rate_schedule(config.train)),
+                                   schedule=learning_rate_schedule(config.train),
+                                   privacy=privacy_from_config(config, data_info)),
         eval_step=eval_step, sample=sample, save_samples=save_samples,
         summarize_eval=lambda m: lm_metrics(m["loss"], data_info["bytes_per_token"]),
         tokens_per_example=cfg.block_size)

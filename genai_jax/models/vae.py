@@ -47,7 +47,13 @@ from genai_jax.data import toys
 from genai_jax.models import images
 from genai_jax.models.family import Family
 from genai_jax.models.vae_nets import NetConfig, VAENets
-from genai_jax.optim import TrainState, learning_rate_schedule, make_optimizer, make_train_step
+from genai_jax.optim import (
+    TrainState,
+    learning_rate_schedule,
+    make_optimizer,
+    make_train_step,
+    privacy_from_config,
+)
 
 LIKELIHOODS = ("bernoulli", "logistic", "gaussian")
 MIN_LOG_SCALE = -7.0  # PixelCNN++'s floor: far below a bin's half-width (log(1/255) = -5.5)
@@ -339,7 +345,8 @@ def build(config, data_info: dict) -> Family:
         config, data_info, init=init,
         train_step=make_train_step(loss_fn, tx, accum_steps=config.train.grad_accum_steps,
                                    ema_decay=config.train.ema_decay,
-                                   schedule=learning_rate_schedule(config.train)),
+                                   schedule=learning_rate_schedule(config.train),
+                                   privacy=privacy_from_config(config, data_info)),
         eval_step=eval_step, generate=sample_fn,
         extras=_extras(config, data_info, vae, sample_fn))
 

@@ -18,8 +18,9 @@ GradFn = Callable[[Any, dict, jax.Array], Any]
 
 
 def accumulate_gradients(grad_fn: GradFn, params: Any, batch: dict, rng: jax.Array,
-                         steps: int) -> Any:
-    """`grad_fn(params, batch, rng)`'s outputs averaged over `steps` micro-batches of `batch`.
+                         steps: int, mean: bool = True) -> Any:
+    """`grad_fn(params, batch, rng)`'s outputs averaged (`mean=False`: summed) over `steps`
+    micro-batches of `batch`.
 
     Micro-batch i takes every `steps`-th row starting at row i, so each one stays spread over all
     the data-parallel devices the batch is sharded over, and gets the key `fold_in(rng, i)`.
@@ -39,4 +40,4 @@ def accumulate_gradients(grad_fn: GradFn, params: Any, batch: dict, rng: jax.Arr
     first = jax.tree.map(lambda x: x[0], micro)
     zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, first, rng))
     total, _ = jax.lax.scan(add, zeros, (jnp.arange(steps), micro))
-    return jax.tree.map(lambda x: x / steps, total)
+    return jax.tree.map(lambda x: x / steps, total) if mean else total

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import math
 import os
 import pathlib
 import signal
@@ -28,7 +30,9 @@ from tqdm.auto import tqdm
 from genai_jax import config as config_lib
 from genai_jax import data as data_lib
 from genai_jax import models, parallel
+from genai_jax.config_checks import privacy_enabled
 from genai_jax.errors import UserError
+from genai_jax.privacy import accounting
 from genai_jax.train import provenance
 from genai_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from genai_jax.train.lock import WorkdirLock
@@ -55,6 +59,7 @@ class Run:
     state: Any = None
     start_step: int = 0
     lock: WorkdirLock | None = None  # held by process 0 of a training run until `train` ends
+    privacy: accounting.Plan | None = None  # a DP-SGD run's mechanism and accountant
 
     @property
     def steps_per_call(self) -> int:
@@ -177,7 +182,14 @@ def prepare(config, workdir: str | pathlib.Path, *, read_only: bool = False) -> 
                                  f"train.batch_size) does not divide over the {dp} "
                                  "data-parallel devices")
     parallel.check_process_rows(batch_sharding, eval_batch)
-    pipeline = _build_data_in_turn(config, workdir)
+    # A DP-SGD batch of variable size is padded to a multiple of what it must divide into.
+    chunk = config.train.privacy.per_example_chunk or 1
+    multiple = config.train.grad_accum_steps * math.lcm(dp, chunk, jax.process_count())
+    pipeline = _build_data_in_turn(config, workdir, multiple)
+    privacy = None
+    if privacy_enabled(config):
+        privacy = accounting.plan(config.train, pipeline.info["privacy_units"])
+        pipeline.info["noise_multiplier"] = privacy.noise_multiplier
     family = models.build(config, pipeline.info)
     # The first write to the workdir (the checkpointer tidies up its directory) is the lock
     # holder's: a second training process is refused here, before it changes anything.
@@ -190,8 +202,16 @@ def prepare(config, workdir: str | pathlib.Path, *, read_only: bool = False) -> 
     except BaseException:
         lock.release()
         raise
-    run.lock = lock
+    run.lock, run.privacy = lock, privacy
+    if privacy is not None and jax.process_index() == 0 and not read_only:
+        (workdir / PRIVACY_FILE).write_text(json.dumps(
+            {**dataclasses.asdict(privacy), "epsilon_after_all_steps": privacy.epsilon(),
+             "sampling_rate": privacy.sampling_rate,
+             "matches_accountant": privacy.matches_accountant}, indent=2) + "\n")
     return run
+
+
+PRIVACY_FILE = "privacy.json"  # a DP-SGD run's mechanism and the epsilon of all its steps
 
 
 def _restore_or_init(config, workdir: pathlib.Path, mesh, rules, batch_sharding, pipeline,
@@ -269,7 +289,8 @@ def _params_of(source: pathlib.Path, pipeline, mesh, rules):
     return state if meta.get("params_only") else family.export_params(state)
 
 
-def _build_data_in_turn(config, workdir: pathlib.Path) -> data_lib.Pipeline:
+def _build_data_in_turn(config, workdir: pathlib.Path, batch_multiple: int
+                        ) -> data_lib.Pipeline:
     """The data pipeline, built by process 0 before the others: preparing an embedded data set
     writes a TFDS data dir once, which processes sharing a file system must not race on. (If
     process 0 fails here, the others wait at the barrier until JAX's coordination service
@@ -277,7 +298,8 @@ def _build_data_in_turn(config, workdir: pathlib.Path) -> data_lib.Pipeline:
     barrier = lambda: multihost_utils.sync_global_devices("genai_jax: process 0 built the data")
     if jax.process_index() > 0:
         barrier()
-    pipeline = data_lib.build(config, models.modality(config.model.family), workdir)
+    pipeline = data_lib.build(config, models.modality(config.model.family), workdir,
+                              batch_multiple)
     if jax.process_count() > 1 and jax.process_index() == 0:
         barrier()
     return pipeline
@@ -397,6 +419,8 @@ def _loop(run: Run, progress: bool, stop_at_step: int | None) -> None:
                 data_wait = 0.0
                 if window_step == run.start_step:
                     record["train/compile_s"] = compile_s
+                if run.privacy is not None:
+                    record["privacy/epsilon"] = run.privacy.epsilon(step)
                 if do_eval:
                     t_eval = time.perf_counter()
                     record.update({f"eval/{name}": v
