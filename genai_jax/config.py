@@ -87,7 +87,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if t.learning_rate <= 0 or t.min_learning_rate < 0 or t.warmup_steps < 0:
         raise ConfigError("train.learning_rate must be positive, train.min_learning_rate and "
                           "train.warmup_steps non-negative")
-    for key in ("data.workers", "data.prefetch", "data.random_crop"):
+    if not 0.0 <= config.data.nonmember_fraction < 1.0:
+        raise ConfigError(f"data.nonmember_fraction={config.data.nonmember_fraction} must be "
+                          "in [0, 1)")
+    if (get_or_none(config, "data.canary_repeats") or 1) < 1:
+        raise ConfigError(f"data.canary_repeats={config.data.canary_repeats} must be >= 1")
+    for key in ("data.workers", "data.prefetch", "data.random_crop", "data.max_members",
+                "data.canaries"):
         if (get_or_none(config, key) or 0) < 0:
             raise ConfigError(f"{key}={get(config, key)} must be >= 0")
     if not 0.0 < config.data.validation_fraction < 1.0:
@@ -191,9 +197,11 @@ def load(path: pathlib.Path) -> ml_collections.ConfigDict:
 
 # Keys whose change makes a checkpoint unusable (the state's shapes or meaning), and the keys
 # inside them that only change how the same state is computed with.
-# A run's privacy settings are part of what it is: its guarantee covers all of its steps.
+# A run's privacy settings are part of what it is (its guarantee covers all of its steps), and
+# so is a privacy audit's split of its data into members and non-members.
 _STATE_KEYS = ("model", "data.name", "data.tokenizer", "train.ema_decay", "train.grad_clip",
-               "train.privacy")
+               "train.privacy", "data.nonmember_fraction", "data.max_members", "data.canaries",
+               "data.canary_repeats")
 _COMPUTE_ONLY = ("model.remat", "model.attention", "model.kernels")
 
 

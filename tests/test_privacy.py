@@ -19,7 +19,7 @@ from genai_jax.config import ConfigError, base_config
 from genai_jax.data import private
 from genai_jax.errors import UserError
 from genai_jax.optim import DpSgd, TrainState, make_train_step
-from genai_jax.privacy import accounting
+from genai_jax.privacy import accounting, audit
 from genai_jax.train import prepare, read_metrics, train
 from tests.conftest import image_data_config, overridden, tiny_lm_config
 
@@ -219,8 +219,11 @@ def test_padding_rows_do_not_reach_the_update(family):
 
 @pytest.fixture(scope="module")
 def private_run(text_file, tmp_path_factory):
+    """A DP-SGD run that an audit can read: half its windows held out, two canaries."""
     workdir = tmp_path_factory.mktemp("private")
     config = tiny_lm_config(**{"data.path": str(text_file), "train.grad_clip": 0.0,
+                               "model.block_size": 32, "data.nonmember_fraction": 0.5,
+                               "data.canaries": 2, "data.canary_repeats": 3,
                                "train.steps": 10, "train.batch_size": 8,
                                "train.grad_accum_steps": 2, "eval.every": 10,
                                "checkpoint.every": 10, "train.privacy.noise_multiplier": 1.0,
@@ -234,7 +237,7 @@ def test_a_private_run_logs_epsilon_and_keeps_its_settings(private_run, text_fil
     eps = [m["privacy/epsilon"] for m in metrics]
     assert [m["step"] for m in metrics] == [5, 10] and eps[0] < eps[1]
     assert eps[1] == pytest.approx(run.privacy.epsilon(), rel=1e-9)
-    units = (len(text_file.read_text()) * 0.9 - 1) // 17
+    units = len(text_file.read_text()) * 0.9 // 33 // 2  # half of them held out
     assert abs(run.privacy.units - units) <= 1 and run.privacy.expected_batch == 8
     saved = json.loads((workdir / "privacy.json").read_text())
     assert saved["epsilon_after_all_steps"] == pytest.approx(eps[1])
@@ -263,3 +266,95 @@ def test_bad_privacy_settings_are_one_line_before_compiling(overrides, message, 
     with pytest.raises(UserError, match=message):
         prepare(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_audit_units_split_at_random_and_canaries_are_written_in():
+    from genai_jax.tokenization import make_tokenizer
+
+    members, nonmembers = private.split_units(100, 0.3, 50, seed=0)
+    assert len(members) == 50 and len(nonmembers) == 30
+    assert not set(members) & set(nonmembers) and max(members) > 80 and min(nonmembers) < 20
+    tok = make_tokenizer("byte", b"", "test")
+    secrets = private.canary_secrets(3, seed=0)
+    assert all(len(s.split()) == 6 and s.replace(" ", "").isdigit() for s in secrets)
+    encode = lambda text: tok.encode(text, "a canary")
+    patches = private.canary_patches(secrets, encode, members, 4, 31, seed=0)
+    assert len(patches) == 12 and set(patches) <= set(members)
+    units = private.WindowUnits(np.full(100 * 32, ord("x"), np.int32), 31, patches=patches)
+    texts = [tok.decode(units.unit_tokens(u)) for u in patches]
+    for s in secrets:
+        assert sum(private.CANARY_PREFIX + s in t for t in texts) == 4
+    with pytest.raises(UserError, match="longer than the context"):
+        private.canary_patches(secrets, encode, members, 1, 16, seed=0)
+    with pytest.raises(UserError, match="need as many training units"):
+        private.canary_patches(secrets, encode, members, 20, 31, seed=0)
+
+
+class BigramScorer(audit.LMScorer):
+    """`LMScorer` with a random bigram table for a model: log p(b | a) = table[a, b]."""
+
+    def __post_init__(self):
+        rng = np.random.default_rng(0)
+        self.table = np.asarray(jax.nn.log_softmax(rng.normal(size=(256, 256)) * 3))
+
+    def logprobs(self, inputs):
+        return self.table[inputs]
+
+
+def test_exposure_ranks_the_secret_among_all_a_million_candidates():
+    from genai_jax.tokenization import make_tokenizer
+
+    scorer = BigramScorer(None, None, make_tokenizer("byte", b"", "test"))
+    table, space = scorer.table, ord(" ")
+    last = ord(private.CANARY_PREFIX[-1])
+    digits = np.arange(10) + ord("0")
+    # every candidate's log-likelihood, by brute force over the 10^6 of them
+    score = np.zeros([10] * 6)
+    for k in range(6):
+        prev = (np.full(10, last) if k == 0 else np.full(10, space))
+        shape = [1] * 6
+        shape[k] = 10
+        score = score + table[prev, digits].reshape(shape)
+        if k < 5:
+            score = score + table[digits, space].reshape(shape)
+    score = score.ravel()
+    for secret in ["0 0 0 0 0 0", "4 8 1 5 9 2", "9 9 9 9 9 9"]:
+        index = int(secret.replace(" ", ""))
+        rank = 1 + np.sum(score > score[index])
+        # (float32 sums in another order: near-ties may swap, within a few ranks)
+        assert scorer.exposure(secret) == pytest.approx(np.log2(1e6) - np.log2(rank), abs=0.01)
+    best = "{} {} {} {} {} {}".format(*np.unravel_index(np.argmax(score), [10] * 6))
+    assert scorer.exposure(best) == pytest.approx(np.log2(1e6))
+
+
+def test_roc_of_separated_and_of_identical_scores():
+    a = audit.roc(np.arange(100) + 100.0, np.arange(100.0))
+    assert a["auc"] == 1.0 and a["tpr_at_1pct_fpr"] == 1.0
+    same = np.random.default_rng(0).normal(size=4000)
+    b = audit.roc(same[:2000], same[2000:])
+    assert abs(b["auc"] - 0.5) < 0.03 and b["tpr_at_1pct_fpr"] < 0.05
+
+
+def test_privacy_audit_reports_membership_canaries_and_epsilon(private_run, env):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    _, _, workdir = private_run
+    done = subprocess.run([sys.executable, "-m", "experiments.privacy_audit",
+                           f"--workdir={workdir}", "--max_examples=200"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report == json.loads((workdir / "privacy_audit.json").read_text())
+    m = report["membership"]
+    assert m["members"] == m["nonmembers"] == 200 and 0.0 <= m["auc"] <= 1.0
+    c = report["canaries"]
+    assert c["count"] == 2 and c["repeats"] == 3 and c["candidates"] == 10**6
+    assert all(0.0 <= e <= np.log2(1e6) + 1e-9 for e in c["exposure_bits"])
+    p = report["privacy"]
+    assert p["epsilon"] == pytest.approx(json.loads((workdir / "privacy.json").read_text())[
+        "epsilon_after_all_steps"])
+    assert p["canary_group_epsilon_bound"] == pytest.approx(3 * p["epsilon"])
+    assert (workdir / "privacy_audit.png").stat().st_size > 10_000

@@ -17,11 +17,16 @@ def defaults(modality: str) -> dict:
     """The `data.*` config keys of a data modality ("text" or "image")."""
     # workers: reader processes (0: a thread of the training process); prefetch: stacks of
     # batches read ahead (per worker). The defaults suit a 2-core machine.
-    common = dict(path="", data_dir="", validation_fraction=0.1, workers=0, prefetch=2)
+    # Privacy audits (`experiments.privacy_audit`): nonmember_fraction of the training units
+    # (windows, images) held out at random as non-members, at most max_members of the rest
+    # trained on (0: all).
+    common = dict(path="", data_dir="", validation_fraction=0.1, workers=0, prefetch=2,
+                  nonmember_fraction=0.0, max_members=0)
     if modality == "text":
         return dict(name="stdlib_code", tokenizer="byte", train_split="train",
                     eval_split="validation", text_key="text", packing=False, mixture="",
-                    **common)
+                    # canaries random secrets, each written into canary_repeats training windows
+                    canaries=0, canary_repeats=1, **common)
     # name: "digits" (embedded), "mnist_idx" / "image_folder" (data.path), a toy
     # ("ring8", "moons", "swiss_roll"), or a TFDS catalog name ("mnist", "cifar10", ...).
     # random_crop: pixels of zero padding to crop from at random (0: off); random_flip: flip

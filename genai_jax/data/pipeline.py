@@ -85,20 +85,47 @@ def build(config, modality: str, workdir: pathlib.Path | None = None,
               "end_of_document": end}), batch_multiple)
 
 
+def units_mode(config) -> bool:
+    """Whether training draws from fixed privacy units (`genai_jax.data.private`): under
+    DP-SGD, and for a privacy audit's member / non-member split and canaries."""
+    d = config.data
+    return privacy_enabled(config) or bool(d.get("nonmember_fraction") or d.get("max_members")
+                                          or d.get("canaries"))
+
+
 def _private(config, pipeline: Pipeline, batch_multiple: int) -> Pipeline:
-    """`pipeline` with DP-SGD's batches of non-overlapping windows of its training stream
-    (`private.WindowUnits`) when `train.privacy` is on."""
-    if not privacy_enabled(config):
+    """`pipeline` training on fixed non-overlapping windows of its training stream
+    (`private.WindowUnits`) when `units_mode`: the members of an audit split, canaries written
+    into some, sampled by DP-SGD's batches or shuffled epoch by epoch."""
+    if not units_mode(config):
         return pipeline
     if "train_tokens" not in pipeline.info:
-        raise DataError("DP-SGD (train.privacy) samples fixed windows of a token stream: "
-                        "raw text tokenised on the fly is not supported yet (prepare the "
+        raise DataError("DP-SGD and privacy audits (train.privacy, data.nonmember_fraction, "
+                        "data.max_members, data.canaries) train on fixed windows of a token "
+                        "stream: raw text tokenised on the fly is not supported yet (prepare the "
                         "data with a tokenizer)")
-    units = private.WindowUnits(pipeline.info["train_tokens"], config.model.block_size,
-                                pipeline.info["end_of_document"])
-    return dataclasses.replace(pipeline, train=private.private_batches(
-        units, config.train.privacy, config.train.batch_size, config.train.steps, config.seed,
-        batch_multiple), info={**pipeline.info, "privacy_units": len(units)})
+    d, block, info = config.data, config.model.block_size, pipeline.info
+    tokens = info["train_tokens"]
+    members, nonmembers = private.split_units(len(tokens) // (block + 1), d.nonmember_fraction,
+                                              d.max_members, config.seed)
+    secrets = private.canary_secrets(d.canaries, config.seed)
+    tokenizer = info["tokenizer"]
+    patches = private.canary_patches(
+        secrets, lambda text: tokenizer.encode(text, "a canary"), members, d.canary_repeats,
+        block, config.seed) if secrets else None
+    units = private.WindowUnits(tokens, block, info["end_of_document"], patches)
+    audit = {"units": units, "members": members, "nonmembers": nonmembers, "canaries": secrets}
+    return dataclasses.replace(pipeline, train=_unit_batches(
+        config, private.Subset(units, members), batch_multiple), info={
+        **info, "privacy_units": len(members), "audit": audit})
+
+
+def _unit_batches(config, units, batch_multiple: int, augment=None) -> Batches:
+    """DP-SGD's batches of `units`, or, for a non-private run, every unit once per epoch."""
+    if privacy_enabled(config):
+        return private.private_batches(units, config.train.privacy, config.train.batch_size,
+                                       config.train.steps, config.seed, batch_multiple, augment)
+    return image_batches(units, config.train.batch_size, config.seed, augment)
 
 
 def _instruction_pipeline(config, tokenizer, eval_batch: int) -> Pipeline:
@@ -256,11 +283,14 @@ def _image_pipeline(config, workdir: pathlib.Path | None, batch_multiple: int) -
                             f"{data.description} holds 2-D points")
         augment = Augment(config.data.random_crop, config.data.random_flip)
     info = data.info
-    if privacy_enabled(config):  # the privacy unit: an image
-        train = private.private_batches(data.train, config.train.privacy,
-                                        config.train.batch_size, config.train.steps,
-                                        config.seed, batch_multiple, augment)
-        info = {**info, "privacy_units": len(data.train)}
+    if units_mode(config):  # the privacy unit: an image
+        members, nonmembers = private.split_units(
+            len(data.train), config.data.nonmember_fraction, config.data.max_members,
+            config.seed)
+        train = _unit_batches(config, private.Subset(data.train, members), batch_multiple,
+                              augment)
+        info = {**info, "privacy_units": len(members), "audit": {
+            "units": data.train, "members": members, "nonmembers": nonmembers}}
     else:
         train = image_batches(data.train, config.train.batch_size, config.seed, augment)
     return Pipeline(train=train,

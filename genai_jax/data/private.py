@@ -34,21 +34,90 @@ OVERFLOW_PROBABILITY = 1e-9  # of any step of a run sampling more units than its
 @dataclasses.dataclass(frozen=True)
 class WindowUnits:
     """A Grain data source: the non-overlapping windows of a token stream (packed: with the
-    segment ids, positions and loss mask of the documents in each)."""
+    segment ids, positions and loss mask of the documents in each); `patches` writes tokens
+    over some of them (`{unit: ((offset, tokens), ...)}`: inserted canaries)."""
 
     tokens: np.ndarray
     block_size: int
     end_of_document: int | None = None
+    patches: dict | None = None
 
     def __len__(self) -> int:
         return len(self.tokens) // (self.block_size + 1)
 
+    def unit_tokens(self, index: int) -> np.ndarray:
+        """The `block_size + 1` tokens of unit `index`, patches written in."""
+        start = int(index) * (self.block_size + 1)
+        seq = np.array(self.tokens[start:start + self.block_size + 1], np.int32)
+        for offset, tokens in (self.patches or {}).get(int(index), ()):
+            seq[offset:offset + len(tokens)] = tokens
+        return seq
+
     def __getitem__(self, index: int) -> dict:
-        offset = int(index) * (self.block_size + 1)
+        seq = self.unit_tokens(index)
         if self.end_of_document is None:
-            return lm_batches.window(self.tokens, offset, self.block_size)
-        return lm_batches.packed_window(self.tokens, offset, self.block_size,
-                                        self.end_of_document)
+            return lm_batches.window(seq, 0, self.block_size)
+        return lm_batches.packed_window(seq, 0, self.block_size, self.end_of_document)
+
+
+@dataclasses.dataclass(frozen=True)
+class Subset:
+    """A Grain data source: the examples of `source` at `indices`, in that order."""
+
+    source: object
+    indices: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        return self.source[int(self.indices[index])]
+
+
+def split_units(n: int, nonmember_fraction: float, max_members: int, seed: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """`(members, nonmembers)`: the units a run trains on and those a privacy audit holds out,
+    drawn at random from the same `n` (`data.nonmember_fraction` of them held out, then at most
+    `data.max_members` of the rest trained on; 0 = all)."""
+    order = np.random.default_rng([seed, 0x4D494131]).permutation(n)
+    held = int(round(n * nonmember_fraction))
+    members = order[held:] if not max_members else order[held:held + max_members]
+    if len(members) < 2:
+        raise DataError(f"{len(members)} of the {n} training units are left to train on "
+                        "(data.nonmember_fraction, data.max_members): lower them")
+    return np.sort(members), np.sort(order[:held])
+
+
+CANARY_PREFIX = "my PIN is "
+CANARY_DIGITS = 6
+
+
+def canary_secrets(count: int, seed: int) -> list[str]:
+    """`count` random six-digit secrets, written "4 8 1 5 9 2" (The Secret Sharer's format)."""
+    rng = np.random.default_rng([seed, 0x43414E41])
+    return [" ".join(str(d) for d in rng.integers(0, 10, CANARY_DIGITS)) for _ in range(count)]
+
+
+def canary_patches(secrets: list[str], tokenize, members: np.ndarray, repeats: int,
+                   block_size: int, seed: int) -> dict:
+    """`WindowUnits.patches` inserting each of `secrets` (after CANARY_PREFIX) into `repeats`
+    distinct member units at a random offset, no two canaries in one unit."""
+    encoded = [np.asarray(tokenize(CANARY_PREFIX + s), np.int32) for s in secrets]
+    longest = max((len(e) for e in encoded), default=0)
+    if longest > block_size + 1:
+        raise DataError(f"a canary is {longest} tokens, longer than the context of "
+                        f"model.block_size + 1 = {block_size + 1}: raise the block size")
+    if len(secrets) * repeats > len(members):
+        raise DataError(f"data.canaries={len(secrets)} x data.canary_repeats={repeats} "
+                        f"need as many training units; there are {len(members)}")
+    rng = np.random.default_rng([seed, 0x50415443])
+    hosts = rng.choice(members, len(secrets) * repeats, replace=False)
+    patches = {}
+    for k, unit in enumerate(hosts):
+        tokens = encoded[k // repeats]
+        offset = int(rng.integers(0, block_size + 2 - len(tokens)))
+        patches[int(unit)] = ((offset, tokens),)
+    return patches
 
 
 def poisson_cap(units: int, expected: int, steps: int, multiple: int = 1) -> int:

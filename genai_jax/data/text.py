@@ -80,7 +80,9 @@ def _tokenizer_text(data_cfg, documents: dict[str, list[bytes]]) -> bytes:
     (for a text file, its first `1 - validation_fraction`, cut at a character); a character
     vocabulary needs every character of both splits."""
     if not data_cfg.tokenizer.startswith("bpe:"):
-        return b"".join(DOCUMENT_SEPARATOR.join(docs) for docs in documents.values())
+        # Canaries (`genai_jax.data.private`) are written in digits the text may lack.
+        canaries = b" my PIN is 0123456789" if data_cfg.get("canaries") else b""
+        return b"".join(DOCUMENT_SEPARATOR.join(docs) for docs in documents.values()) + canaries
     if data_cfg.name != "text_file":
         return DOCUMENT_SEPARATOR.join(documents["train"])
     (raw,) = documents["all"]

@@ -1,0 +1,135 @@
+"""Privacy audits of a trained language model: what it leaks about the data it was trained on.
+
+- Membership inference by loss: a model fits the windows it trained on better than windows it
+  never saw. The members and non-members are privacy units of the same training split, split
+  at random before training (`data.nonmember_fraction`, `genai_jax.data.private.split_units`),
+  so the only difference between them is membership. Scores: minus the loss, or, given a
+  reference model trained without them, the reference's loss minus the target's (the
+  calibrated attack of Carlini et al., "Membership Inference Attacks From First Principles",
+  2022, in its simplest form). Reported: ROC AUC and the true-positive rate at 1% false
+  positives.
+- Canary exposure (Carlini et al., "The Secret Sharer", 2019): `data.canaries` random secrets
+  "my PIN is d d d d d d" were written into `data.canary_repeats` training windows each; the
+  audit ranks each secret's likelihood among all 10^6 candidates of its format. Exposure =
+  log2(10^6) - log2(rank): ~1 bit for a secret the model did not learn, log2(10^6) = 19.9 for
+  one it ranks first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from sklearn import metrics as sk_metrics
+
+from genai_jax.data.private import CANARY_DIGITS, CANARY_PREFIX
+from genai_jax.errors import UserError
+from genai_jax.models import lm
+from genai_jax.models.transformer import Transformer
+
+CANDIDATES = 10 ** CANARY_DIGITS
+
+
+def roc(member_scores, nonmember_scores) -> dict:
+    """ROC AUC and the true-positive rate at a false-positive rate of at most 1% of a score
+    that is higher for members."""
+    scores = np.concatenate([member_scores, nonmember_scores])
+    labels = np.concatenate([np.ones(len(member_scores)), np.zeros(len(nonmember_scores))])
+    fpr, tpr, _ = sk_metrics.roc_curve(labels, scores)
+    return {"auc": float(sk_metrics.roc_auc_score(labels, scores)),
+            "tpr_at_1pct_fpr": float(tpr[fpr <= 0.01].max(initial=0.0)),
+            "members": len(member_scores), "nonmembers": len(nonmember_scores),
+            "curve": (fpr, tpr)}
+
+
+@dataclasses.dataclass
+class LMScorer:
+    """Token log-probabilities of a trained LM (the parameters it evaluates with), on one
+    device, compiled once per shape."""
+
+    config: object
+    params: object
+    tokenizer: object
+    chunk: int = 1024
+
+    def __post_init__(self):
+        cfg = dataclasses.replace(lm.model_config(self.config, self.tokenizer.vocab_size),
+                                  lora=None, lora_targets=())
+        graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+        self.params = jax.device_get(self.params)
+
+        def logprobs(params, inputs, positions=None, segment_ids=None):
+            logits, _ = nnx.merge(graphdef, params)(inputs, positions=positions,
+                                                    segment_ids=segment_ids)
+            return jax.nn.log_softmax(logits.astype(jnp.float32))
+
+        def nll(params, inputs, targets, positions, segment_ids):
+            lp = logprobs(params, inputs, positions, segment_ids)
+            return -jnp.take_along_axis(lp, targets[..., None], axis=-1)[..., 0]
+
+        self._logprobs, self._nll = jax.jit(logprobs), jax.jit(nll)
+
+    def logprobs(self, inputs: np.ndarray) -> np.ndarray:
+        """float32 `[n, length, vocab]` next-token log-probabilities of `inputs`."""
+        return np.asarray(self._logprobs(self.params, jnp.asarray(inputs)))
+
+    def example_losses(self, examples: list[dict]) -> np.ndarray:
+        """Each window's mean next-token loss (over its `loss_mask` when packed)."""
+        batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+        nll = []
+        for i in range(0, len(batch["inputs"]), self.chunk):
+            rows = {k: jnp.asarray(v[i:i + self.chunk]) for k, v in batch.items()}
+            nll.append(np.asarray(self._nll(self.params, rows["inputs"], rows["targets"],
+                                            rows.get("positions"), rows.get("segment_ids"))))
+        nll = np.concatenate(nll)
+        mask = batch.get("loss_mask", np.ones_like(nll))
+        return (nll * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1.0)
+
+    def exposure(self, secret: str) -> float:
+        """Exposure in bits of `secret` ("d d d d d d") among all CANDIDATES secrets of its
+        format after CANARY_PREFIX: every candidate's log-likelihood, from one forward pass
+        over the 10^5 five-digit stems (the sixth digit's distribution is the last position's).
+        """
+        digits = [self._token(str(d)) for d in range(10)]
+        space = self._token(" ")
+        prefix = self.tokenizer.encode(CANARY_PREFIX, "the canary prefix")
+        stems = np.array(list(itertools.product(range(10), repeat=CANARY_DIGITS - 1)))
+        body = np.empty((len(stems), 2 * (CANARY_DIGITS - 1)), np.int32)
+        body[:, 0::2] = np.asarray(digits)[stems]
+        body[:, 1::2] = space
+        inputs = np.concatenate([np.broadcast_to(prefix, (len(stems), len(prefix))), body],
+                                axis=1).astype(np.int32)
+        start = len(prefix) - 1  # the position that predicts the first digit
+        scores = []
+        for i in range(0, len(inputs), self.chunk):  # [chunk, len, vocab] at a time
+            rows = inputs[i:i + self.chunk]
+            lp = self.logprobs(rows)
+            stem = np.take_along_axis(lp[:, start:-1], rows[:, start + 1:, None], axis=-1)
+            # candidate = stem * 10 + last digit: the last position's distribution
+            scores.append(stem[..., 0].sum(axis=1)[:, None] + lp[:, -1, digits])
+        scores = np.concatenate(scores).ravel()
+        index = int("".join(secret.split()))
+        rank = 1 + int(np.sum(scores > scores[index]))
+        return math.log2(CANDIDATES) - math.log2(rank)
+
+    def _token(self, char: str) -> int:
+        ids = self.tokenizer.encode(char, "a canary")
+        if len(ids) != 1:
+            raise UserError(f"canary exposure needs a tokenizer that encodes each digit and "
+                            f"the space alone (byte, char): this one encodes {char!r} as "
+                            f"{list(ids)}")
+        return int(ids[0])
+
+
+def sample_members(members: np.ndarray, nonmembers: np.ndarray, limit: int, seed: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Equal numbers (at most `limit`) of member and non-member units, drawn at random."""
+    n = min(len(members), len(nonmembers), limit)
+    rng = np.random.default_rng([seed, 0x41554454])
+    return (np.sort(rng.choice(members, n, replace=False)),
+            np.sort(rng.choice(nonmembers, n, replace=False)))
