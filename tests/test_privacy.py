@@ -291,14 +291,16 @@ def test_audit_units_split_at_random_and_canaries_are_written_in():
 
 
 class BigramScorer(audit.LMScorer):
-    """`LMScorer` with a random bigram table for a model: log p(b | a) = table[a, b]."""
+    """`LMScorer` with a random bigram table for a model, log p(b | a) = table[a, b], whose
+    "cache" is nothing: the last token is all a bigram needs."""
 
     def __post_init__(self):
         rng = np.random.default_rng(0)
         self.table = np.asarray(jax.nn.log_softmax(rng.normal(size=(256, 256)) * 3))
+        self._empty_cache = lambda rows, length: np.zeros(rows)
 
-    def logprobs(self, inputs):
-        return self.table[inputs]
+    def _extend(self, params, tokens, start, cache):
+        return self.table[tokens], cache
 
 
 def test_exposure_ranks_the_secret_among_all_a_million_candidates():
@@ -358,3 +360,33 @@ def test_privacy_audit_reports_membership_canaries_and_epsilon(private_run, env)
         "epsilon_after_all_steps"])
     assert p["canary_group_epsilon_bound"] == pytest.approx(3 * p["epsilon"])
     assert (workdir / "privacy_audit.png").stat().st_size > 10_000
+
+
+def test_shuffled_private_batches_are_fixed_and_cover_each_epoch():
+    units = private.WindowUnits(np.arange(40 * 5), 4)
+    c = base_config()
+    c.train.privacy.sampling = "shuffle"
+    batches = private.private_batches(units, c.train.privacy, 8, 100, seed=2)
+    assert batches.batch_size == 8
+    epoch = [batches.batch(s) for s in range(5)]  # 40 units, 8 per step
+    assert all(b["example_mask"].tolist() == [1.0] * 8 for b in epoch)
+    assert sorted(np.concatenate([b["inputs"][:, 0] // 5 for b in epoch])) == list(range(40))
+
+
+def test_an_image_audit_split_trains_on_members_only():
+    from genai_jax.data import build
+
+    c = base_config("vae")
+    c.data = image_data_config("digits", nonmember_fraction=0.5)
+    c.train.batch_size = 64
+    pipeline = build(overridden(c, {}), "image")
+    audit_split = pipeline.info["audit"]
+    members, nonmembers = audit_split["members"], audit_split["nonmembers"]
+    assert not set(members) & set(nonmembers)
+    assert len(members) + len(nonmembers) == len(audit_split["units"])
+    assert pipeline.info["privacy_units"] == len(members)
+    pixels = lambda i: audit_split["units"][int(i)]["x"].tobytes()
+    member_images = {pixels(i) for i in members}
+    nonmember_images = {pixels(i) for i in nonmembers} - member_images  # (duplicates aside)
+    seen = {x.tobytes() for s in range(3) for x in pipeline.train.batch(s)["x"]}
+    assert seen <= member_images and not seen & nonmember_images

@@ -136,7 +136,8 @@ def test_readme_commands_are_all_known():
                              ["python", "-m", "experiments.serve"],
                              ["python", "-m", "experiments.serve_bench"],
                              ["python", "-m", "experiments.prepare_data"],
-                             ["python", "-m", "experiments.data_bench"]) or words[0] == "curl" \
+                             ["python", "-m", "experiments.data_bench"],
+                             ["python", "-m", "experiments.privacy_audit"]) or words[0] == "curl" \
             or words == ["make", "train"], \
             f"README command neither runnable here nor in ELSEWHERE: {command}"
 

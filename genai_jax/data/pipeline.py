@@ -46,9 +46,10 @@ def build(config, modality: str, workdir: pathlib.Path | None = None,
     """The pipeline for `config`; a tokenizer saved in `workdir` is reused (resume), else that
     of the run `config.init_from` names (fine-tuning keeps its base model's tokenizer).
 
-    Under DP-SGD (`train.privacy`) the training batches sample privacy units
-    (`genai_jax.data.private`), padded to a multiple of `batch_multiple` rows, and `info`
-    has their number (`privacy_units`)."""
+    In `units_mode` (DP-SGD, a privacy audit's split or canaries) training draws from fixed
+    privacy units (`genai_jax.data.private`), under DP-SGD in Poisson-sampled batches padded to
+    a multiple of `batch_multiple` rows; `info` then has their number (`privacy_units`) and
+    the audit's split (`audit`)."""
     if modality == "image":
         return _image_pipeline(config, workdir, batch_multiple)
     if modality != "text":
@@ -59,13 +60,14 @@ def build(config, modality: str, workdir: pathlib.Path | None = None,
             saved = load_tokenizer(pathlib.Path(directory))
     block, batch = config.model.block_size, config.train.batch_size
     eval_batch = config.eval.batch_size or batch
-    if privacy_enabled(config) and (config.data.name == "instructions" or config.data.mixture):
-        raise DataError("DP-SGD (train.privacy) samples fixed windows of one token stream: "
-                        "it does not support data.name='instructions' or data.mixture yet")
+    if units_mode(config) and (config.data.name == "instructions" or config.data.mixture):
+        raise DataError("DP-SGD and privacy audits (train.privacy, data.nonmember_fraction, "
+                        "data.max_members, data.canaries) train on fixed windows of one token "
+                        "stream: data.name='instructions' and data.mixture are not supported yet")
     if config.data.name == "instructions":
         return _instruction_pipeline(config, saved, eval_batch)
     if config.data.name == "array_record":
-        return _private(config, _array_record_pipeline(config, saved, eval_batch),
+        return _text_units(config, _array_record_pipeline(config, saved, eval_batch),
                         batch_multiple)
     if config.data.mixture:
         raise DataError("data.mixture mixes prepared directories: set "
@@ -75,7 +77,7 @@ def build(config, modality: str, workdir: pathlib.Path | None = None,
     if config.data.packing and end is None:
         raise DataError(f"data.packing=true needs an end-of-document token, and the "
                         f"{config.data.tokenizer!r} tokenizer has none")
-    return _private(config, Pipeline(
+    return _text_units(config, Pipeline(
         train=lm_batches.windows(text.train, batch, block, config.seed, end),
         eval=lm_batches.eval_batches(
             lm_batches.windows(text.validation, eval_batch, block, config.seed + 1, end),
@@ -93,7 +95,7 @@ def units_mode(config) -> bool:
                                           or d.get("canaries"))
 
 
-def _private(config, pipeline: Pipeline, batch_multiple: int) -> Pipeline:
+def _text_units(config, pipeline: Pipeline, batch_multiple: int) -> Pipeline:
     """`pipeline` training on fixed non-overlapping windows of its training stream
     (`private.WindowUnits`) when `units_mode`: the members of an audit split, canaries written
     into some, sampled by DP-SGD's batches or shuffled epoch by epoch."""
@@ -121,7 +123,8 @@ def _private(config, pipeline: Pipeline, batch_multiple: int) -> Pipeline:
 
 
 def _unit_batches(config, units, batch_multiple: int, augment=None) -> Batches:
-    """DP-SGD's batches of `units`, or, for a non-private run, every unit once per epoch."""
+    """DP-SGD's batches of `units`, or, for a non-private run, every unit once per epoch in a
+    seeded order (`image_batches` does that for any examples)."""
     if privacy_enabled(config):
         return private.private_batches(units, config.train.privacy, config.train.batch_size,
                                        config.train.steps, config.seed, batch_multiple, augment)

@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 
 import jax
@@ -30,7 +29,7 @@ from sklearn import metrics as sk_metrics
 from genai_jax.data.private import CANARY_DIGITS, CANARY_PREFIX
 from genai_jax.errors import UserError
 from genai_jax.models import lm
-from genai_jax.models.transformer import Transformer
+from genai_jax.models.transformer import Transformer, init_cache
 
 CANDIDATES = 10 ** CANARY_DIGITS
 
@@ -56,6 +55,7 @@ class LMScorer:
     params: object
     tokenizer: object
     chunk: int = 1024
+    _scores: np.ndarray | None = dataclasses.field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         cfg = dataclasses.replace(lm.model_config(self.config, self.tokenizer.vocab_size),
@@ -72,7 +72,17 @@ class LMScorer:
             lp = logprobs(params, inputs, positions, segment_ids)
             return -jnp.take_along_axis(lp, targets[..., None], axis=-1)[..., 0]
 
+        def extend(params, tokens, start, cache):
+            """Log-probabilities after `tokens` `[rows, n]` at positions start.., each row
+            continuing its own cached context."""
+            positions = start + jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+            logits, cache = nnx.merge(graphdef, params)(tokens, positions=positions,
+                                                        cache=cache)
+            return jax.nn.log_softmax(logits.astype(jnp.float32)), cache
+
         self._logprobs, self._nll = jax.jit(logprobs), jax.jit(nll)
+        self._extend = jax.jit(extend)
+        self._empty_cache = lambda rows, length: init_cache(cfg, rows, length)
 
     def logprobs(self, inputs: np.ndarray) -> np.ndarray:
         """float32 `[n, length, vocab]` next-token log-probabilities of `inputs`."""
@@ -92,30 +102,47 @@ class LMScorer:
 
     def exposure(self, secret: str) -> float:
         """Exposure in bits of `secret` ("d d d d d d") among all CANDIDATES secrets of its
-        format after CANARY_PREFIX: every candidate's log-likelihood, from one forward pass
-        over the 10^5 five-digit stems (the sixth digit's distribution is the last position's).
-        """
-        digits = [self._token(str(d)) for d in range(10)]
-        space = self._token(" ")
-        prefix = self.tokenizer.encode(CANARY_PREFIX, "the canary prefix")
-        stems = np.array(list(itertools.product(range(10), repeat=CANARY_DIGITS - 1)))
-        body = np.empty((len(stems), 2 * (CANARY_DIGITS - 1)), np.int32)
-        body[:, 0::2] = np.asarray(digits)[stems]
-        body[:, 1::2] = space
-        inputs = np.concatenate([np.broadcast_to(prefix, (len(stems), len(prefix))), body],
-                                axis=1).astype(np.int32)
-        start = len(prefix) - 1  # the position that predicts the first digit
-        scores = []
-        for i in range(0, len(inputs), self.chunk):  # [chunk, len, vocab] at a time
-            rows = inputs[i:i + self.chunk]
-            lp = self.logprobs(rows)
-            stem = np.take_along_axis(lp[:, start:-1], rows[:, start + 1:, None], axis=-1)
-            # candidate = stem * 10 + last digit: the last position's distribution
-            scores.append(stem[..., 0].sum(axis=1)[:, None] + lp[:, -1, digits])
-        scores = np.concatenate(scores).ravel()
+        format after CANARY_PREFIX, from every candidate's log-likelihood."""
+        scores = self.candidate_scores()
         index = int("".join(secret.split()))
         rank = 1 + int(np.sum(scores > scores[index]))
         return math.log2(CANDIDATES) - math.log2(rank)
+
+    def candidate_scores(self) -> np.ndarray:
+        """The log-likelihood `[10^6]` of each secret (candidate i: the digits of i) after
+        CANARY_PREFIX, digits and spaces included: a function of the model alone, computed
+        once. The candidates form a tree: the prefix is read once, then every partial secret
+        grows by each digit and a space from its cached context, depth first, `chunk` rows at
+        a time (1 + 10 + ... + 10^5 rows of two tokens); the last position's distribution
+        scores the sixth digit."""
+        if self._scores is None:
+            digits = np.array([self._token(str(d)) for d in range(10)], np.int32)
+            space = self._token(" ")
+            prefix = np.asarray(self.tokenizer.encode(CANARY_PREFIX, "the canary prefix"),
+                                np.int32)
+            cache = self._empty_cache(1, len(prefix) + 2 * CANARY_DIGITS)
+            lp, cache = self._extend(self.params, prefix[None], 0, cache)
+            self._scores = self._grow(np.zeros(1), np.asarray(lp)[:, -1], cache, 0,
+                                      len(prefix), digits, space)
+        return self._scores
+
+    def _grow(self, scores, next_lp, cache, depth, start, digits, space) -> np.ndarray:
+        """The candidates below partial secrets of `depth` digits (and spaces) at position
+        `start`, with log-likelihoods `scores` `[rows]`, next-token log-probabilities `next_lp`
+        `[rows, vocab]` and KV `cache`, in order."""
+        if depth == CANARY_DIGITS - 1:
+            return (scores[:, None] + next_lp[:, digits]).ravel()  # the last digit
+        out, step = [], max(self.chunk // 10, 1)
+        for i in range(0, len(scores), step):
+            part = slice(i, i + step)
+            rows = len(scores[part])
+            tokens = np.stack([np.tile(digits, rows), np.full(rows * 10, space)], 1)
+            child = jax.tree.map(lambda c, p=part: jnp.repeat(c[p], 10, axis=0), cache)
+            lp, child = self._extend(self.params, tokens, start, child)
+            lp = np.asarray(lp)
+            grown = (scores[part, None] + next_lp[part][:, digits]).ravel() + lp[:, 0, space]
+            out.append(self._grow(grown, lp[:, 1], child, depth + 1, start + 2, digits, space))
+        return np.concatenate(out)
 
     def _token(self, char: str) -> int:
         ids = self.tokenizer.encode(char, "a canary")
