@@ -242,6 +242,8 @@ def test_a_private_run_logs_epsilon_and_keeps_its_settings(private_run, text_fil
     saved = json.loads((workdir / "privacy.json").read_text())
     assert saved["epsilon_after_all_steps"] == pytest.approx(eps[1])
     assert saved["noise_multiplier"] == 1.0 and saved["matches_accountant"]
+    assert saved["batch_cap"] == run.pipeline.train.batch_size
+    assert 0 < saved["cap_overflow_probability"] < 1e-9
     # the batches are padded to the cap, a multiple of the micro-batches and the chunk
     assert run.pipeline.train.batch_size % 4 == 0 and run.pipeline.train.batch_size > 8
     # resuming with other privacy settings is refused

@@ -120,6 +120,12 @@ def canary_patches(secrets: list[str], tokenize, members: np.ndarray, repeats: i
     return patches
 
 
+def overflow_probability(units: int, expected: int, steps: int, cap: int) -> float:
+    """A bound (union over the steps) on the probability that some step of a run samples more
+    than `cap` units."""
+    return float(min(1.0, steps * stats.binom.sf(cap, units, expected / units)))
+
+
 def poisson_cap(units: int, expected: int, steps: int, multiple: int = 1) -> int:
     """The smallest multiple of `multiple` that a Poisson-sampled batch (Binomial(units,
     expected / units) units) exceeds in some step of `steps` with probability below
@@ -127,7 +133,7 @@ def poisson_cap(units: int, expected: int, steps: int, multiple: int = 1) -> int
     q = expected / units
     cap = int(stats.binom.isf(OVERFLOW_PROBABILITY / max(steps, 1), units, q)) + 1
     cap = multiple * math.ceil(cap / multiple)
-    while steps * stats.binom.sf(cap, units, q) >= OVERFLOW_PROBABILITY:
+    while overflow_probability(units, expected, steps, cap) >= OVERFLOW_PROBABILITY:
         cap += multiple
     return min(cap, multiple * math.ceil(units / multiple))
 

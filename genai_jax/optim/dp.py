@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 from jax_privacy.clipping import clipped_grad
 
+from genai_jax import parallel
 from genai_jax.config_checks import privacy_enabled
 from genai_jax.optim.accumulate import accumulate_gradients
 
@@ -51,7 +52,11 @@ def private_gradients(loss_fn, params, batch: dict, rng: jax.Array, dp: DpSgd,
     metrics)` (a mean over its batch). Loss and metrics are means over the batch's real
     examples (not private: the training curve); `clipped_fraction` is the share of them whose
     gradient norm exceeded `clip_norm`."""
-    per_example = clipped_grad(loss_fn, has_aux=True, l2_clip_norm=dp.clip_norm,
+    def one_example(params, rows, key):
+        with parallel.unconstrained():  # the model's batch here is one example: see there
+            return loss_fn(params, rows, key)
+
+    per_example = clipped_grad(one_example, has_aux=True, l2_clip_norm=dp.clip_norm,
                                batch_argnums=1, prng_argnum=2, keep_batch_dim=True,
                                return_values=True, return_grad_norms=True,
                                microbatch_size=dp.per_example_chunk or None)

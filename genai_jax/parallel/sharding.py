@@ -157,6 +157,19 @@ def activations(mesh: jax.sharding.Mesh, rules: Rules = DEFAULT_RULES):
         _ACTIVE.reset(token)
 
 
+@contextlib.contextmanager
+def unconstrained():
+    """While this is active, `constrain` and `gathered` do nothing: for model code traced on
+    one example inside a `vmap` over the batch (DP-SGD's per-example gradients), where the
+    batch dimension the rules name is the vmapped one and the model's own is of size 1; the
+    compiler then propagates the shardings of the inputs and the parameters."""
+    token = _ACTIVE.set(None)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """`x` with its sharding pinned by logical `axes` (one name or None per dimension).
 

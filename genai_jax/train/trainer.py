@@ -172,7 +172,9 @@ def prepare(config, workdir: str | pathlib.Path, *, read_only: bool = False) -> 
     batch_sharding = parallel.batch_sharding(mesh, rules)
     dp = parallel.data_parallel_size(mesh, rules)
     micro = config.train.batch_size // config.train.grad_accum_steps
-    if micro % dp and not read_only:
+    # (Poisson-sampled DP-SGD batches are padded to a size that divides: see `multiple`.)
+    poisson = privacy_enabled(config) and config.train.privacy.sampling == "poisson"
+    if micro % dp and not read_only and not poisson:
         raise parallel.MeshError(
             f"train.batch_size={config.train.batch_size} (micro-batches of {micro}) does not "
             f"divide over the {dp} data-parallel devices (mesh data x fsdp)")
@@ -204,10 +206,14 @@ def prepare(config, workdir: str | pathlib.Path, *, read_only: bool = False) -> 
         raise
     run.lock, run.privacy = lock, privacy
     if privacy is not None and jax.process_index() == 0 and not read_only:
+        cap = pipeline.train.batch_size  # the padded batch of Poisson sampling
         (workdir / PRIVACY_FILE).write_text(json.dumps(
             {**dataclasses.asdict(privacy), "epsilon_after_all_steps": privacy.epsilon(),
              "sampling_rate": privacy.sampling_rate,
-             "matches_accountant": privacy.matches_accountant}, indent=2) + "\n")
+             "matches_accountant": privacy.matches_accountant, "batch_cap": cap,
+             "cap_overflow_probability": data_lib.private.overflow_probability(
+                 privacy.units, privacy.expected_batch, privacy.steps, cap)
+             if privacy.sampling == "poisson" else None}, indent=2) + "\n")
     return run
 
 
