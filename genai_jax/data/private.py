@@ -12,6 +12,10 @@ units has probability below `OVERFLOW_PROBABILITY` over the whole run (such a st
 batches are B units of a fresh permutation each epoch (the usual, non-private way; not what
 the accountant assumes). Either way the batch of a step is a function of (seed, step), so a
 resumed run sees the batches of an uninterrupted one.
+
+The same units serve the privacy audits (`genai_jax.privacy.audit`): `split_units` holds some
+out at random as non-members before training, and `canary_patches` writes random secrets into
+some members (`WindowUnits.patches`).
 """
 
 from __future__ import annotations

@@ -48,8 +48,8 @@ def roc(member_scores, nonmember_scores) -> dict:
 
 @dataclasses.dataclass
 class LMScorer:
-    """Token log-probabilities of a trained LM (the parameters it evaluates with), on one
-    device, compiled once per shape."""
+    """What a trained LM (the parameters it evaluates with) makes of given tokens: windows'
+    losses and canary candidates' log-likelihoods, on one device, compiled once per shape."""
 
     config: object
     params: object
@@ -80,13 +80,8 @@ class LMScorer:
                                                         cache=cache)
             return jax.nn.log_softmax(logits.astype(jnp.float32)), cache
 
-        self._logprobs, self._nll = jax.jit(logprobs), jax.jit(nll)
-        self._extend = jax.jit(extend)
+        self._nll, self._extend = jax.jit(nll), jax.jit(extend)
         self._empty_cache = lambda rows, length: init_cache(cfg, rows, length)
-
-    def logprobs(self, inputs: np.ndarray) -> np.ndarray:
-        """float32 `[n, length, vocab]` next-token log-probabilities of `inputs`."""
-        return np.asarray(self._logprobs(self.params, jnp.asarray(inputs)))
 
     def example_losses(self, examples: list[dict]) -> np.ndarray:
         """Each window's mean next-token loss (over its `loss_mask` when packed)."""
