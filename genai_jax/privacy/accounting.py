@@ -56,8 +56,7 @@ def classic_rdp_epsilon(q: float, noise_multiplier: float, steps: int, delta: fl
     tighter). For comparison with its published tables."""
     acc = rdp.RdpAccountant(list(orders))
     acc.compose(_event(q, noise_multiplier, steps))
-    rdp_values = np.asarray(acc._rdp)  # noqa: SLF001 - the RDP curve the conversion needs
-    return float(np.min(rdp_values - math.log(delta) / (np.asarray(orders) - 1)))
+    return float(np.min(acc.rdp - math.log(delta) / (acc.orders - 1)))
 
 
 @dataclasses.dataclass(frozen=True)
