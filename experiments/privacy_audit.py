@@ -1,14 +1,18 @@
-"""Audit what a trained language model leaks about its training data:
+"""Audit what a trained model leaks about its training data:
 `python -m experiments.privacy_audit --workdir=DIR [--reference=DIR2]`. Prints one JSON line
 (also written to DIR/privacy_audit.json) and draws DIR/privacy_audit.png.
 
 - Membership inference (`genai_jax.privacy.audit`): the run must have held out a random
-  share of its training windows (`--config.data.nonmember_fraction=0.5` when training); the
-  audit compares the loss on up to `--max_examples` member and as many non-member windows
-  (ROC AUC, true-positive rate at 1% false positives), and, with `--reference`, the loss ratio
-  against a reference model (trained without these members; same tokenizer).
-- Canary exposure, for runs trained with `data.canaries` (and `data.canary_repeats`).
-The run's epsilon (DP-SGD runs) and its held-out bits per byte are reported beside them: a
+  share of its training windows or images (`--config.data.nonmember_fraction=0.5` when
+  training); the audit compares the loss on up to `--max_examples` members and as many
+  non-members (ROC AUC, true-positive rate at 1% false positives), and, with `--reference`,
+  the loss ratio against a reference model (trained without these members; same family and
+  tokenizer). A language model's loss is a window's; an image family's, its held-out
+  evaluation of the image alone (the VAE's NLL bound, the diffusion loss over 16 timesteps,
+  the GAN discriminator's logit).
+- Canary exposure, for language models trained with `data.canaries` (and
+  `data.canary_repeats`).
+The run's epsilon (DP-SGD runs) and its held-out metrics are reported beside them: a
 canary repeated R times is protected only as a group of R units (about R x epsilon).
 """
 
@@ -36,17 +40,17 @@ _MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 2000, "member and non-membe
 flags.mark_flags_as_required(["workdir"])
 
 
-def scorer_of(workdir: str) -> tuple[audit.LMScorer, object]:
-    """The LM scorer of the run in `workdir`, and the run (prepared read-only, one device)."""
+def scorer_of(workdir: str):
+    """The scorer of the run in `workdir` (`audit.LMScorer`, or `audit.ImageScorer` for an
+    image family), and the run (prepared read-only, one device)."""
     config = load_workdir_config(workdir)
-    if models.modality(config.model.family) != "text":
-        raise UserError(f"{workdir} holds a {config.model.family!r} model: privacy audits are "
-                        "built for language models so far")
     with config.unlocked():
         config.mesh.update(data=1, fsdp=1, tensor=1)
     run = prepare(config, workdir, read_only=True)
     if run.start_step == 0:
         raise UserError(f"{workdir} has no trained checkpoint to audit")
+    if models.modality(config.model.family) != "text":
+        return audit.ImageScorer(config.model.family, run.family, run.state), run
     tokenizer = run.pipeline.info["tokenizer"]
     return audit.LMScorer(config, run.family.export_params(run.state), tokenizer), run
 
@@ -65,7 +69,11 @@ def audit_run(workdir: str, reference: str | None, max_examples: int) -> tuple[d
         members, nonmembers = audit.sample_members(split["members"], split["nonmembers"],
                                                    max_examples, config.seed)
         units = split["units"]
-        windows = lambda indices: [units[int(i)] for i in indices]
+        if isinstance(scorer, audit.LMScorer):
+            windows = lambda indices: [units[int(i)] for i in indices]
+        else:  # images, with their positions in the training split
+            windows = lambda indices: {**units.get(np.asarray(indices)),
+                                       "index": np.asarray(indices, np.int32)}
         loss_in = scorer.example_losses(windows(members))
         loss_out = scorer.example_losses(windows(nonmembers))
         result = audit.roc(-loss_in, -loss_out)
@@ -73,8 +81,13 @@ def audit_run(workdir: str, reference: str | None, max_examples: int) -> tuple[d
         result.update(member_loss=float(loss_in.mean()), nonmember_loss=float(loss_out.mean()))
         report["membership"] = result
         if reference:
-            ref, _ = scorer_of(reference)
-            if ref.tokenizer.vocab_size != scorer.tokenizer.vocab_size:
+            ref, ref_run = scorer_of(reference)
+            if ref_run.config.model.family != config.model.family:
+                raise UserError(f"--reference={reference} holds a "
+                                f"{ref_run.config.model.family!r} model, {workdir} a "
+                                f"{config.model.family!r} one: their losses do not compare")
+            if isinstance(ref, audit.LMScorer) and (ref.tokenizer.vocab_size
+                                                    != scorer.tokenizer.vocab_size):
                 raise UserError(f"--reference={reference} has another tokenizer than "
                                 f"{workdir}: its losses do not compare")
             calibrated = audit.roc(ref.example_losses(windows(members)) - loss_in,
@@ -98,9 +111,12 @@ def audit_run(workdir: str, reference: str | None, max_examples: int) -> tuple[d
             report["privacy"]["canary_group_epsilon_bound"] = config.data.canary_repeats * eps
     else:
         report["privacy"] = None
-    evals = [m for m in read_metrics(pathlib.Path(workdir)) if "eval/bits_per_byte" in m]
-    if evals:
-        report["eval_bits_per_byte"] = evals[-1]["eval/bits_per_byte"]
+    evals = [m for m in read_metrics(pathlib.Path(workdir)) if "eval/loss" in m]
+    if evals:  # the held-out figures of the last evaluation
+        report["eval_loss"] = evals[-1]["eval/loss"]
+        for key in ("bits_per_byte", "nll_nats", "classifier_frechet"):
+            if f"eval/{key}" in evals[-1]:
+                report[f"eval_{key}"] = evals[-1][f"eval/{key}"]
     return report, curves
 
 

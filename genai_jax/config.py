@@ -20,6 +20,7 @@ from genai_jax.config_checks import (
     ConfigError,
     check_choices,
     check_positive,
+    federated_enabled,
     get,
     get_or_none,
     privacy_enabled,
@@ -49,6 +50,22 @@ def base_config(family: str = "transformer") -> ml_collections.ConfigDict:
     c.train.privacy = ml_collections.ConfigDict(dict(
         noise_multiplier=placeholder(float), target_epsilon=placeholder(float), clip_norm=1.0,
         delta=1e-5, sampling="poisson", accountant="rdp", per_example_chunk=0))
+    # Federated training (`genai_jax.optim.federated`), on when clients_per_round > 0: a step
+    # is a round in which clients_per_round of the clients of `partition` ("iid", "label_skew"
+    # (labelled images, Dirichlet dirichlet_alpha), "by_speaker" (play text)) each take
+    # local_steps steps of client_optimizer ("sgd", or "adam" with fresh moments each round)
+    # at client_lr (client_lr_schedule "constant", or "cosine": a warm-up over
+    # train.warmup_steps rounds, then a decay to a tenth) on local batches of
+    # train.batch_size (clipped to train.grad_clip when set), and the server
+    # applies the mean client update with server_optimizer ("fedavg": SGD with
+    # server_momentum, "fedadam": Adam) at server_lr. num_clients: iid and
+    # label_skew deal the data into that many; by_speaker keeps the N speakers with the most
+    # text (0: all). With train.privacy: user-level DP-FedAvg (clip_norm bounds a client's
+    # update; a client is the privacy unit).
+    c.train.federated = ml_collections.ConfigDict(dict(
+        clients_per_round=0, num_clients=0, partition="iid", dirichlet_alpha=0.5,
+        local_steps=5, client_lr=0.1, client_lr_schedule="constant", client_optimizer="sgd",
+        server_optimizer="fedavg", server_lr=1.0, server_momentum=0.0))
     # eval.batch_size 0: train.batch_size
     c.eval = dict(every=250, steps=20, batch_size=0, **defaults.get("eval", {}))
     c.checkpoint = dict(every=500, keep=3, async_save=True)
@@ -103,6 +120,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"data.path {config.data.path!r} does not exist")
     parallel.rules_from_config(config.mesh)
     _validate_privacy(config)
+    _validate_federated(config)
     models.module(config.model.family).validate(config)
 
 
@@ -112,7 +130,9 @@ def _validate_privacy(config) -> None:
                            "train.privacy.accountant": ("rdp", "pld")})
     if not privacy_enabled(config):
         return
-    if config.train.grad_clip > 0 and config.model.family != "gan":  # the GAN has none
+    # (Federated: grad_clip clips the clients' local steps, clip_norm their updates.)
+    if (config.train.grad_clip > 0 and config.model.family != "gan"  # the GAN has none
+            and not federated_enabled(config)):
         raise ConfigError(f"train.grad_clip={config.train.grad_clip} clips the batch gradient, "
                           "which DP-SGD replaces with per-example clipping "
                           "(train.privacy.clip_norm): set --config.train.grad_clip=0")
@@ -128,6 +148,52 @@ def _validate_privacy(config) -> None:
         raise ConfigError(f"train.privacy.per_example_chunk={p.per_example_chunk} must divide "
                           f"the micro-batch of {micro} (train.batch_size / "
                           "train.grad_accum_steps)")
+
+
+def _validate_federated(config) -> None:
+    f, t = config.train.federated, config.train
+    check_choices(config, {"train.federated.partition": ("iid", "label_skew", "by_speaker"),
+                           "train.federated.server_optimizer": ("fedavg", "fedadam"),
+                           "train.federated.client_optimizer": ("sgd", "adam"),
+                           "train.federated.client_lr_schedule": ("constant", "cosine")})
+    if not 0.0 <= f.server_momentum < 1.0:
+        raise ConfigError(f"train.federated.server_momentum={f.server_momentum} must be in "
+                          "[0, 1)")
+    if f.clients_per_round < 0 or f.num_clients < 0:
+        raise ConfigError("train.federated.clients_per_round and num_clients must be >= 0 "
+                          "(clients_per_round 0: centralised training)")
+    if not federated_enabled(config):
+        return
+    if config.model.family == "gan":
+        raise ConfigError("federated training (train.federated.clients_per_round > 0) runs "
+                          "families with one loss: the transformer, the VAE and diffusion, "
+                          "not the GAN's two players")
+    check_positive(config, ("train.federated.local_steps", "train.federated.client_lr",
+                            "train.federated.server_lr", "train.federated.dirichlet_alpha"))
+    if f.partition != "by_speaker" and f.num_clients < f.clients_per_round:
+        raise ConfigError(f"train.federated.partition={f.partition!r} deals the data into "
+                          f"train.federated.num_clients={f.num_clients} clients, fewer than "
+                          f"clients_per_round={f.clients_per_round}: set num_clients")
+    if f.partition == "by_speaker" and 0 < f.num_clients < f.clients_per_round:
+        raise ConfigError(f"train.federated.num_clients={f.num_clients} keeps fewer speakers "
+                          f"than clients_per_round={f.clients_per_round}")
+    modality = models.modality(config.model.family)
+    wanted = {"label_skew": "image", "by_speaker": "text"}.get(f.partition, modality)
+    if wanted != modality:
+        raise ConfigError(f"train.federated.partition={f.partition!r} partitions {wanted} "
+                          f"data, and model.family={config.model.family!r} trains on "
+                          f"{modality}: use 'iid' or "
+                          f"{'by_speaker' if modality == 'text' else 'label_skew'}")
+    if t.grad_accum_steps != 1:
+        raise ConfigError("train.grad_accum_steps must be 1 in federated training: a round's "
+                          "clients already take train.federated.local_steps steps each")
+    if t.privacy.per_example_chunk:
+        raise ConfigError("train.privacy.per_example_chunk is DP-SGD's: DP-FedAvg clips whole "
+                          "client updates; set it to 0")
+    d = config.data
+    if d.nonmember_fraction or d.max_members or d.get("canaries"):
+        raise ConfigError("privacy audits (data.nonmember_fraction, data.max_members, "
+                          "data.canaries) split centralised training data: not federated runs")
 
 
 # model.* keys a run started from another (`init_from`) may set its own way: how the same
@@ -198,10 +264,11 @@ def load(path: pathlib.Path) -> ml_collections.ConfigDict:
 # Keys whose change makes a checkpoint unusable (the state's shapes or meaning), and the keys
 # inside them that only change how the same state is computed with.
 # A run's privacy settings are part of what it is (its guarantee covers all of its steps), and
-# so is a privacy audit's split of its data into members and non-members.
+# so is a privacy audit's split of its data into members and non-members, and a federated
+# run's clients and rounds (its server optimizer's state has another meaning).
 _STATE_KEYS = ("model", "data.name", "data.tokenizer", "train.ema_decay", "train.grad_clip",
-               "train.privacy", "data.nonmember_fraction", "data.max_members", "data.canaries",
-               "data.canary_repeats")
+               "train.privacy", "train.federated", "data.nonmember_fraction", "data.max_members",
+               "data.canaries", "data.canary_repeats")
 _COMPUTE_ONLY = ("model.remat", "model.attention", "model.kernels")
 
 

@@ -47,3 +47,8 @@ def privacy_enabled(config) -> bool:
     """DP-SGD is on when `train.privacy` sets a noise multiplier or a target epsilon."""
     p = get_or_none(config, "train.privacy")
     return p is not None and (p.noise_multiplier is not None or p.target_epsilon is not None)
+
+
+def federated_enabled(config) -> bool:
+    """Federated training is on when `train.federated.clients_per_round` is positive."""
+    return (get_or_none(config, "train.federated.clients_per_round") or 0) > 0

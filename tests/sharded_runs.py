@@ -4,12 +4,12 @@
 
 LAYOUT is `data,fsdp,tensor` (their product must be this process's device count, set by the
 caller through XLA_FLAGS). For each layout it trains the tiny LM of `conftest.tiny_lm_config`
-for 20 steps (and privately, with DP-SGD, for 10) and small conditional image models on the
-embedded digits for 4 steps (the GAN on every layout, the VAE and diffusion on `1,1,1` and
-`2,2,2`), and records their losses and the bytes of training state each device holds. Under
-`fsdp=8` it also stops the LM at step 10 and resumes it under `data=2 x fsdp=2 x tensor=2` (a
-checkpoint restored onto another mesh). Everything lands in one JSON file, so
-`test_parallel.py` pays JAX's start-up and the compilations once per device count.
+for 20 steps (privately, with DP-SGD, for 10; federated, for 4 rounds) and small conditional
+image models on the embedded digits for 4 steps (the GAN on every layout, the VAE and
+diffusion on `1,1,1` and `2,2,2`), and records their losses and the bytes of training state
+each device holds. Under `fsdp=8` it also stops the LM at step 10 and resumes it under
+`data=2 x fsdp=2 x tensor=2` (a checkpoint restored onto another mesh). Everything lands in
+one JSON file, so `test_parallel.py` pays JAX's start-up and the compilations once per device count.
 """
 
 from __future__ import annotations
@@ -55,6 +55,13 @@ DP_LM = {"train.steps": 10, "train.grad_clip": 0.0, "train.grad_accum_steps": 2,
          "eval.every": 10, "checkpoint.every": 10}
 
 
+# A federated LM: 3 clients per round of 8, padded to a multiple of the data-parallel devices
+# (the clients split over them); the padding slots change nothing.
+FED_LM = {"train.steps": 4, "train.batch_size": 2, "train.federated.clients_per_round": 3,
+          "train.federated.num_clients": 8, "train.federated.local_steps": 2,
+          "eval.every": 4, "checkpoint.every": 4}
+
+
 def image_config(family: str, layout: str):
     c = base_config(family)
     c.data.name = "digits"
@@ -88,13 +95,15 @@ def main(out: str, text_file: str, workdir: str, *layouts: str) -> None:
         result = results[layout] = {}
         # The GAN on every layout; the VAE and diffusion (slower to compile) on one device and on
         # the layout that uses all three mesh axes.
-        families = ["lm", "lm_dp", "gan"] + (["vae", "diffusion"] if layout in ("1,1,1", "2,2,2")
-                                             else [])
+        families = ["lm", "lm_dp", "lm_fed", "gan"] + (
+            ["vae", "diffusion"] if layout in ("1,1,1", "2,2,2") else [])
         for family in families:
             if family == "lm":
                 config = lm_config(text_file, layout)
             elif family == "lm_dp":  # DP-SGD: per-example gradients split over the data axes
                 config = lm_config(text_file, layout, **DP_LM)
+            elif family == "lm_fed":  # federated: clients split over the data axes
+                config = lm_config(text_file, layout, **FED_LM)
             else:
                 config = image_config(family, layout)
             run = train(config, root / f"{family}_{tag}", progress=False)

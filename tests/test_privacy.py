@@ -396,3 +396,42 @@ def test_an_image_audit_split_trains_on_members_only():
     nonmember_images = {pixels(i) for i in nonmembers} - member_images  # (duplicates aside)
     seen = {x.tobytes() for s in range(3) for x in pipeline.train.batch(s)["x"]}
     assert seen <= member_images and not seen & nonmember_images
+
+
+def test_image_membership_scores_are_the_familys_evaluation_of_one_image():
+    """`audit.ImageScorer`: an image's membership loss is the family's held-out evaluation of
+    that image alone (the VAE's NLL bound, its draws by the image's index)."""
+    from genai_jax import models
+
+    c = base_config("vae")
+    c.model.update(latent_dim=4, channels=8, stages=1, blocks=1, hidden=16)
+    c.eval.update(iw_samples=4, iw_chunk=2)
+    config = overridden(c, {})
+    fam = models.build(config, {"kind": "image", "shape": (8, 8, 1), "num_classes": 10,
+                                "data": None})
+    state = jax.jit(fam.init)(jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    examples = {"x": rng.integers(0, 256, (5, 8, 8, 1)).astype(np.uint8),
+                "label": np.arange(5, dtype=np.int32), "index": np.arange(10, 15, dtype=np.int32)}
+    losses = audit.ImageScorer("vae", fam, state, chunk=4).example_losses(examples)
+    alone = [float(jax.jit(fam.eval_step)(state, {k: v[i:i + 1] for k, v in examples.items()})
+                   ["nll_nats"]) for i in range(5)]
+    np.testing.assert_allclose(losses, alone, rtol=1e-4)
+
+
+def test_privacy_audit_of_an_image_run(tmp_path):
+    from experiments import privacy_audit
+
+    c = base_config("vae")
+    c.model.update(latent_dim=4, channels=8, stages=1, blocks=1, hidden=16)
+    c.data = image_data_config("digits", nonmember_fraction=0.5, max_members=32)
+    c.train.update(steps=4, batch_size=8, log_every=4, warmup_steps=0)
+    c.eval.update(every=4, steps=1, num_samples=0, iw_samples=4, iw_chunk=2)
+    c.checkpoint.every = 4
+    train(overridden(c, {}), tmp_path, progress=False)
+    report, curves = privacy_audit.audit_run(str(tmp_path), None, 24)
+    membership = report["membership"]
+    assert membership["members"] == membership["nonmembers"] == 24
+    assert 0 <= membership["auc"] <= 1 and "loss" in curves
+    assert report["privacy"] is None and "eval_nll_nats" in report
+    assert "canaries" not in report

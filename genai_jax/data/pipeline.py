@@ -7,8 +7,8 @@ import dataclasses
 import json
 import pathlib
 
-from genai_jax.config_checks import privacy_enabled
-from genai_jax.data import instructions, lm_batches, private, shards
+from genai_jax.config_checks import federated_enabled, privacy_enabled
+from genai_jax.data import federated, instructions, lm_batches, private, shards
 from genai_jax.data.images import Augment, image_batches, load_images
 from genai_jax.data.images import eval_batches as image_eval_batches
 from genai_jax.data.loader import Batches
@@ -49,7 +49,10 @@ def build(config, modality: str, workdir: pathlib.Path | None = None,
     In `units_mode` (DP-SGD, a privacy audit's split or canaries) training draws from fixed
     privacy units (`genai_jax.data.private`), under DP-SGD in Poisson-sampled batches padded to
     a multiple of `batch_multiple` rows; `info` then has their number (`privacy_units`) and
-    the audit's split (`audit`)."""
+    the audit's split (`audit`). In federated training (`train.federated`) a step is a round
+    of the clients' rows (`genai_jax.data.federated`: client slots a multiple of
+    `batch_multiple`); `info["federated"]` describes them, `privacy_units` is the number of
+    clients (DP-FedAvg's unit) and `examples_per_step` the examples of a round."""
     if modality == "image":
         return _image_pipeline(config, workdir, batch_multiple)
     if modality != "text":
@@ -64,6 +67,10 @@ def build(config, modality: str, workdir: pathlib.Path | None = None,
         raise DataError("DP-SGD and privacy audits (train.privacy, data.nonmember_fraction, "
                         "data.max_members, data.canaries) train on fixed windows of one token "
                         "stream: data.name='instructions' and data.mixture are not supported yet")
+    if federated_enabled(config) and (config.data.name == "instructions"
+                                      or config.data.mixture):
+        raise DataError("federated training partitions one token stream into clients: "
+                        "data.name='instructions' and data.mixture are not supported yet")
     if config.data.name == "instructions":
         return _instruction_pipeline(config, saved, eval_batch)
     if config.data.name == "array_record":
@@ -89,7 +96,10 @@ def build(config, modality: str, workdir: pathlib.Path | None = None,
 
 def units_mode(config) -> bool:
     """Whether training draws from fixed privacy units (`genai_jax.data.private`): under
-    DP-SGD, and for a privacy audit's member / non-member split and canaries."""
+    DP-SGD, and for a privacy audit's member / non-member split and canaries (federated
+    training draws from its clients instead)."""
+    if federated_enabled(config):
+        return False
     d = config.data
     return privacy_enabled(config) or bool(d.get("nonmember_fraction") or d.get("max_members")
                                           or d.get("canaries"))
@@ -98,14 +108,19 @@ def units_mode(config) -> bool:
 def _text_units(config, pipeline: Pipeline, batch_multiple: int) -> Pipeline:
     """`pipeline` training on fixed non-overlapping windows of its training stream
     (`private.WindowUnits`) when `units_mode`: the members of an audit split, canaries written
-    into some, sampled by DP-SGD's batches or shuffled epoch by epoch."""
-    if not units_mode(config):
+    into some, sampled by DP-SGD's batches or shuffled epoch by epoch; in federated training,
+    on the rounds of the clients its training stream is partitioned into."""
+    if not units_mode(config) and not federated_enabled(config):
         return pipeline
     if "train_tokens" not in pipeline.info:
-        raise DataError("DP-SGD and privacy audits (train.privacy, data.nonmember_fraction, "
-                        "data.max_members, data.canaries) train on fixed windows of a token "
-                        "stream: raw text tokenised on the fly is not supported yet (prepare the "
-                        "data with a tokenizer)")
+        raise DataError("DP-SGD, privacy audits and federated training train on fixed units of "
+                        "a token stream: raw text tokenised on the fly is not supported yet "
+                        "(prepare the data with a tokenizer)")
+    if federated_enabled(config):
+        info = pipeline.info
+        clients = federated.text_clients(config, info["train_tokens"], info["tokenizer"],
+                                         info["end_of_document"])
+        return _rounds_of(config, pipeline, clients, batch_multiple)
     d, block, info = config.data, config.model.block_size, pipeline.info
     tokens = info["train_tokens"]
     members, nonmembers = private.split_units(len(tokens) // (block + 1), d.nonmember_fraction,
@@ -120,6 +135,15 @@ def _text_units(config, pipeline: Pipeline, batch_multiple: int) -> Pipeline:
     return dataclasses.replace(pipeline, train=_unit_batches(
         config, private.Subset(units, members), batch_multiple), info={
         **info, "privacy_units": len(members), "audit": audit})
+
+
+def _rounds_of(config, pipeline: Pipeline, clients, batch_multiple: int, augment=None
+               ) -> Pipeline:
+    """`pipeline` training on the rounds of `clients` (`federated.client_batches`)."""
+    train, fed = federated.client_batches(clients, config, batch_multiple, augment)
+    return dataclasses.replace(pipeline, train=train, info={
+        **pipeline.info, "federated": fed, "privacy_units": fed["num_clients"],
+        "examples_per_step": fed["examples_per_round"]})
 
 
 def _unit_batches(config, units, batch_multiple: int, augment=None) -> Batches:
@@ -286,6 +310,10 @@ def _image_pipeline(config, workdir: pathlib.Path | None, batch_multiple: int) -
                             f"{data.description} holds 2-D points")
         augment = Augment(config.data.random_crop, config.data.random_flip)
     info = data.info
+    eval_ = image_eval_batches(data.validation, eval_batch, config.eval.steps)
+    if federated_enabled(config):
+        return _rounds_of(config, Pipeline(None, eval_, info),
+                          federated.image_clients(config, data.train), batch_multiple, augment)
     if units_mode(config):  # the privacy unit: an image
         members, nonmembers = private.split_units(
             len(data.train), config.data.nonmember_fraction, config.data.max_members,
@@ -296,6 +324,4 @@ def _image_pipeline(config, workdir: pathlib.Path | None, batch_multiple: int) -
             "units": data.train, "members": members, "nonmembers": nonmembers}}
     else:
         train = image_batches(data.train, config.train.batch_size, config.seed, augment)
-    return Pipeline(train=train,
-                    eval=image_eval_batches(data.validation, eval_batch, config.eval.steps),
-                    info=info)
+    return Pipeline(train=train, eval=eval_, info=info)

@@ -45,6 +45,7 @@ from genai_jax.nn import IMPLEMENTATIONS, REMAT_POLICIES
 from genai_jax.nn.unet import UNetConfig, make_denoiser
 from genai_jax.optim import (
     TrainState,
+    federated_from_config,
     learning_rate_schedule,
     make_optimizer,
     make_train_step,
@@ -189,7 +190,8 @@ def build(config, data_info: dict) -> Family:
         train_step=make_train_step(loss_fn, tx, accum_steps=config.train.grad_accum_steps,
                                    ema_decay=config.train.ema_decay,
                                    schedule=learning_rate_schedule(config.train),
-                                   privacy=privacy_from_config(config, data_info)),
+                                   privacy=privacy_from_config(config, data_info),
+                                   federated=federated_from_config(config, data_info)),
         eval_step=eval_step, generate=sample_fn, extras=_extras(config, data_info, sample_fn))
 
 

@@ -26,6 +26,7 @@ from genai_jax.models.transformer import (
 from genai_jax.nn import IMPLEMENTATIONS, REMAT_POLICIES, Dense, LoRA, LoRAParam
 from genai_jax.optim import (
     TrainState,
+    federated_from_config,
     learning_rate_schedule,
     make_optimizer,
     make_train_step,
@@ -192,23 +193,34 @@ def build(config, data_info: dict) -> Family:
 
     dropout = cfg.dropout > 0 or (cfg.lora is not None and cfg.lora.dropout > 0)
 
-    def loss_fn(params, batch, rng):
-        """Mean next-token cross-entropy; packed instruction batches (`data.instructions`)
-        carry segment ids, positions and a loss mask (completion tokens only)."""
+    def logits_of(params, batch, rng):
         model = nnx.merge(graphdef, params)
         logits, _ = model(batch["inputs"], positions=batch.get("positions"),
                           segment_ids=batch.get("segment_ids"),
                           rng=rng if dropout else None)
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        return logits
+
+    def masked_mean(values, batch):
+        """The mean over the tokens the loss counts: packed instruction batches
+        (`data.instructions`) and short federated clients carry a loss mask."""
         if "loss_mask" not in batch:
-            return losses.mean(), {}
+            return values.mean()
         mask = batch["loss_mask"]
-        return (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0), {}
+        return (values * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+    def loss_fn(params, batch, rng):
+        """Mean next-token cross-entropy (over the loss mask's tokens, where there is one)."""
+        logits = logits_of(params, batch, rng)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        return masked_mean(losses, batch), {}
 
     def eval_step(state: TrainState, batch) -> dict:
-        params = state.eval_params
-        loss, _ = loss_fn(params, batch, None)
-        return {"loss": loss}
+        """Loss and next-token accuracy (the share of tokens whose most likely prediction is
+        the target)."""
+        logits = logits_of(state.eval_params, batch, None)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        hits = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
+        return {"loss": masked_mean(losses, batch), "accuracy": masked_mean(hits, batch)}
 
     # One hashable apply/init_cache per family, so decoding compiles once per shape.
     apply = functools.partial(_apply, graphdef)
@@ -247,7 +259,9 @@ def build(config, data_info: dict) -> Family:
         train_step=make_train_step(loss_fn, tx, accum_steps=config.train.grad_accum_steps,
                                    ema_decay=config.train.ema_decay,
                                    schedule=learning_rate_schedule(config.train),
-                                   privacy=privacy_from_config(config, data_info)),
+                                   privacy=privacy_from_config(config, data_info),
+                                   federated=federated_from_config(config, data_info)),
         eval_step=eval_step, sample=sample, save_samples=save_samples,
-        summarize_eval=lambda m: lm_metrics(m["loss"], data_info["bytes_per_token"]),
+        summarize_eval=lambda m: {**lm_metrics(m["loss"], data_info["bytes_per_token"]),
+                                  "accuracy": m["accuracy"]},
         tokens_per_example=cfg.block_size)

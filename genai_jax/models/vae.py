@@ -49,6 +49,7 @@ from genai_jax.models.family import Family
 from genai_jax.models.vae_nets import NetConfig, VAENets
 from genai_jax.optim import (
     TrainState,
+    federated_from_config,
     learning_rate_schedule,
     make_optimizer,
     make_train_step,
@@ -346,7 +347,8 @@ def build(config, data_info: dict) -> Family:
         train_step=make_train_step(loss_fn, tx, accum_steps=config.train.grad_accum_steps,
                                    ema_decay=config.train.ema_decay,
                                    schedule=learning_rate_schedule(config.train),
-                                   privacy=privacy_from_config(config, data_info)),
+                                   privacy=privacy_from_config(config, data_info),
+                                   federated=federated_from_config(config, data_info)),
         eval_step=eval_step, generate=sample_fn,
         extras=_extras(config, data_info, vae, sample_fn))
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import optax
 
+from genai_jax.optim.federated import server_optimizer
+
 
 def learning_rate_schedule(train_cfg) -> optax.Schedule:
     """Linear warm-up from 0 to `learning_rate`, then cosine to `min_learning_rate` at `steps`."""
@@ -20,7 +22,11 @@ def decay_mask(params):
 
 
 def make_optimizer(train_cfg) -> optax.GradientTransformation:
-    """AdamW on `learning_rate_schedule`, after global-norm clipping when `grad_clip > 0`."""
+    """AdamW on `learning_rate_schedule`, after global-norm clipping when `grad_clip > 0`; in
+    federated training the server's optimizer (`optim.federated.server_optimizer`)."""
+    fed = train_cfg.get("federated")
+    if fed is not None and fed.clients_per_round > 0:
+        return server_optimizer(fed)
     parts = []
     if train_cfg.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(train_cfg.grad_clip))

@@ -11,6 +11,7 @@ import optax
 from genai_jax.optim.accumulate import accumulate_gradients
 from genai_jax.optim.dp import DpSgd, private_gradients
 from genai_jax.optim.ema import ema_update
+from genai_jax.optim.federated import FedAvg, make_round_step
 from genai_jax.optim.state import TrainState, with_frozen
 
 Batch = dict[str, jax.Array]
@@ -21,14 +22,17 @@ LossFn = Callable[[Any, Batch, jax.Array], tuple[jax.Array, Metrics]]
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, accum_steps: int = 1,
                     ema_decay: float = 0.0, schedule: optax.Schedule | None = None,
-                    privacy: DpSgd | None = None):
+                    privacy: DpSgd | None = None, federated: FedAvg | None = None):
     """`train_step(state, batch) -> (state, metrics)` for a family with one loss.
 
     With `accum_steps > 1` the batch is split into that many micro-batches whose gradients are
     averaged (`accumulate_gradients`); the update is the same as one step on the whole batch.
     The EMA, when the state keeps one, follows `ema_update`'s warm-up rule. With `privacy`
-    the gradient is DP-SGD's (`genai_jax.optim.dp`).
+    the gradient is DP-SGD's (`genai_jax.optim.dp`). With `federated` a step is a round of
+    FedAvg (`genai_jax.optim.federated`) and `tx` the server's optimizer.
     """
+    if federated is not None:
+        return make_round_step(loss_fn, tx, federated, ema_decay=ema_decay)
     grad_fn = jax.value_and_grad(lambda p, b, r, frozen: loss_fn(with_frozen(p, frozen), b, r),
                                  has_aux=True)
 

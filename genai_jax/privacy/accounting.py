@@ -1,4 +1,4 @@
-"""The privacy accountant of a DP-SGD run, on Google's `dp-accounting`.
+"""The privacy accountant of a DP-SGD (or DP-FedAvg) run, on Google's `dp-accounting`.
 
 A run of `train.steps` steps, each a Gaussian mechanism of noise multiplier sigma over a batch
 that holds each of the N privacy units (`genai_jax.data.private`) independently with
@@ -7,6 +7,8 @@ probability q = train.batch_size / N (Poisson sampling), is the event
 comes from the RDP accountant (`rdp`) or the privacy-loss-distribution one (`pld`, tighter,
 slower). Shuffled fixed-size batches (`sampling='shuffle'`) are accounted the same way, which
 their sampling does not justify: the figure is then labelled as not matching the guarantee.
+User-level DP-FedAvg (`genai_jax.optim.federated`) is the same event with clients as the units,
+rounds as the steps and q = clients_per_round / num_clients.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class Plan:
     delta: float
     accountant: str
     sampling: str
+    mechanism: str = "DP-SGD"  # or "DP-FedAvg": units are clients, steps rounds
 
     @property
     def sampling_rate(self) -> float:
@@ -91,20 +94,24 @@ class Plan:
         """One line: the mechanism and the epsilon after `steps` steps (default: all)."""
         steps = self.steps if steps is None else steps
         label = "" if self.matches_accountant else (
-            " (accounted as Poisson sampling, which shuffled batches are not: no guarantee)")
+            " (accounted as Poisson sampling, which fixed-size samples are not: no guarantee)")
+        what = "rounds" if self.mechanism == "DP-FedAvg" else "steps"
         return (f"epsilon {self.epsilon(steps):.3f} at delta {self.delta:g} ({self.accountant}) "
-                f"after {steps} steps of DP-SGD with noise multiplier "
+                f"after {steps} {what} of {self.mechanism} with noise multiplier "
                 f"{self.noise_multiplier:.4g}, clip norm {self.clip_norm:g}, q = "
                 f"{self.expected_batch}/{self.units} = {self.sampling_rate:.3g}{label}")
 
 
-def plan(train_cfg, units: int) -> Plan:
+def plan(train_cfg, units: int, clients_per_round: int = 0) -> Plan:
     """The Plan of `train.privacy` over `units` privacy units: the noise multiplier given, or
     the smallest one that meets `target_epsilon` over `train.steps`; a given noise multiplier
     that would overspend a target epsilon is refused (one line), as is a target no noise
-    multiplier up to MAX_NOISE_MULTIPLIER meets."""
+    multiplier up to MAX_NOISE_MULTIPLIER meets. With `clients_per_round` the run is
+    DP-FedAvg: the units are clients, a step a round that samples that many of them."""
     p, steps, batch = train_cfg.privacy, train_cfg.steps, train_cfg.batch_size
-    if batch > units:
+    if clients_per_round:
+        batch = clients_per_round
+    elif batch > units:
         raise ConfigError(f"train.batch_size={batch} exceeds the {units} privacy units of the "
                           "training data: DP-SGD samples a fraction of them per step")
     q = batch / units
@@ -112,7 +119,7 @@ def plan(train_cfg, units: int) -> Plan:
     if noise is None:
         noise = _solve_noise(q, steps, p.target_epsilon, p.delta, p.accountant)
     out = Plan(units, batch, steps, float(noise), p.clip_norm, p.delta, p.accountant,
-               p.sampling)
+               p.sampling, "DP-FedAvg" if clients_per_round else "DP-SGD")
     if p.target_epsilon is not None and out.epsilon() > p.target_epsilon * (1 + 1e-6):
         raise ConfigError(
             f"train.privacy.target_epsilon={p.target_epsilon} is exceeded: "

@@ -1,4 +1,4 @@
-"""Privacy audits of a trained language model: what it leaks about the data it was trained on.
+"""Privacy audits of a trained model: what it leaks about the data it was trained on.
 
 - Membership inference by loss: a model fits the windows it trained on better than windows it
   never saw. The members and non-members are privacy units of the same training split, split
@@ -7,7 +7,8 @@
   reference model trained without them, the reference's loss minus the target's (the
   calibrated attack of Carlini et al., "Membership Inference Attacks From First Principles",
   2022, in its simplest form). Reported: ROC AUC and the true-positive rate at 1% false
-  positives.
+  positives. A language model's loss is a window's next-token loss (`LMScorer`); an image
+  family's, its own held-out evaluation of the image alone (`ImageScorer`).
 - Canary exposure (Carlini et al., "The Secret Sharer", 2019): `data.canaries` random secrets
   "my PIN is d d d d d d" were written into `data.canary_repeats` training windows each; the
   audit ranks each secret's likelihood among all 10^6 candidates of its format. Exposure =
@@ -146,6 +147,53 @@ class LMScorer:
                             f"the space alone (byte, char): this one encodes {char!r} as "
                             f"{list(ids)}")
         return int(ids[0])
+
+
+# The held-out metric of `Family.eval_step` an image family's membership is scored by (one
+# example at a time), whether it is higher for members, and how many copies of the example
+# one evaluation sees: the VAE's importance-weighted NLL bound (its draws are the example's
+# own, by `index`); the diffusion loss over 16 timesteps spread over the schedule (eval_step
+# spreads its batch's rows over them); the GAN discriminator's logit on the real image.
+IMAGE_SCORES = {"vae": ("nll_nats", False, 1), "diffusion": ("loss", False, 16),
+                "gan": ("d_real", True, 1)}
+
+
+@dataclasses.dataclass
+class ImageScorer:
+    """What a trained image model makes of given training images: a membership loss per
+    image (lower: more member-like), from the family's own held-out evaluation of that image
+    alone (`IMAGE_SCORES`), `chunk` images per compiled call on one device."""
+
+    family_name: str
+    family: object  # genai_jax.models.Family
+    state: object
+    chunk: int = 64
+
+    def __post_init__(self):
+        from genai_jax import parallel
+
+        metric, higher_is_member, copies = IMAGE_SCORES[self.family_name]
+        sign = -1.0 if higher_is_member else 1.0
+
+        def one(example):
+            rows = jax.tree.map(lambda x: jnp.repeat(x[None], copies, axis=0), example)
+            with parallel.unconstrained():  # a batch of one example's copies
+                return sign * self.family.eval_step(self.state, rows)[metric]
+
+        self._losses = jax.jit(jax.vmap(one))
+
+    def example_losses(self, examples: dict) -> np.ndarray:
+        """`examples`: `{"x", "label", "index"}` arrays of images (index: each one's position
+        in the training split, which the VAE draws its noise from)."""
+        n = len(examples["x"])
+        out = []
+        for i in range(0, n, self.chunk):
+            rows = {k: np.asarray(v[i:i + self.chunk]) for k, v in examples.items()}
+            short = self.chunk - len(rows["x"])  # one compiled shape: pad the last chunk
+            rows = {k: np.concatenate([v, np.repeat(v[-1:], short, axis=0)]) if short else v
+                    for k, v in rows.items()}
+            out.append(np.asarray(self._losses(rows))[:self.chunk - short])
+        return np.concatenate(out).astype(np.float64)
 
 
 def sample_members(members: np.ndarray, nonmembers: np.ndarray, limit: int, seed: int

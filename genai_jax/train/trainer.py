@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from genai_jax import config as config_lib
 from genai_jax import data as data_lib
 from genai_jax import models, parallel
-from genai_jax.config_checks import privacy_enabled
+from genai_jax.config_checks import federated_enabled, privacy_enabled
 from genai_jax.errors import UserError
 from genai_jax.privacy import accounting
 from genai_jax.train import provenance
@@ -172,9 +172,11 @@ def prepare(config, workdir: str | pathlib.Path, *, read_only: bool = False) -> 
     batch_sharding = parallel.batch_sharding(mesh, rules)
     dp = parallel.data_parallel_size(mesh, rules)
     micro = config.train.batch_size // config.train.grad_accum_steps
-    # (Poisson-sampled DP-SGD batches are padded to a size that divides: see `multiple`.)
+    # (Poisson-sampled DP-SGD batches are padded to a size that divides, and so are a
+    # federated round's client slots: see `multiple`.)
     poisson = privacy_enabled(config) and config.train.privacy.sampling == "poisson"
-    if micro % dp and not read_only and not poisson:
+    federated = federated_enabled(config)
+    if micro % dp and not read_only and not poisson and not federated:
         raise parallel.MeshError(
             f"train.batch_size={config.train.batch_size} (micro-batches of {micro}) does not "
             f"divide over the {dp} data-parallel devices (mesh data x fsdp)")
@@ -184,13 +186,16 @@ def prepare(config, workdir: str | pathlib.Path, *, read_only: bool = False) -> 
                                  f"train.batch_size) does not divide over the {dp} "
                                  "data-parallel devices")
     parallel.check_process_rows(batch_sharding, eval_batch)
-    # A DP-SGD batch of variable size is padded to a multiple of what it must divide into.
+    # A DP-SGD batch of variable size is padded to a multiple of what it must divide into; a
+    # federated round's clients are split over the data-parallel devices and the processes.
     chunk = config.train.privacy.per_example_chunk or 1
-    multiple = config.train.grad_accum_steps * math.lcm(dp, chunk, jax.process_count())
+    multiple = (math.lcm(dp, jax.process_count()) if federated else
+                config.train.grad_accum_steps * math.lcm(dp, chunk, jax.process_count()))
     pipeline = _build_data_in_turn(config, workdir, multiple)
     privacy = None
     if privacy_enabled(config):
-        privacy = accounting.plan(config.train, pipeline.info["privacy_units"])
+        privacy = accounting.plan(config.train, pipeline.info["privacy_units"],
+                                  config.train.federated.clients_per_round if federated else 0)
         pipeline.info["noise_multiplier"] = privacy.noise_multiplier
     family = models.build(config, pipeline.info)
     # The first write to the workdir (the checkpointer tidies up its directory) is the lock
@@ -206,7 +211,8 @@ def prepare(config, workdir: str | pathlib.Path, *, read_only: bool = False) -> 
         raise
     run.lock, run.privacy = lock, privacy
     if privacy is not None and jax.process_index() == 0 and not read_only:
-        cap = pipeline.train.batch_size  # the padded batch of Poisson sampling
+        # The padded batch of Poisson sampling (federated: the round's client slots).
+        cap = pipeline.info["federated"]["slots"] if federated else pipeline.train.batch_size
         (workdir / PRIVACY_FILE).write_text(json.dumps(
             {**dataclasses.asdict(privacy), "epsilon_after_all_steps": privacy.epsilon(),
              "sampling_rate": privacy.sampling_rate,
@@ -366,7 +372,9 @@ def _loop(run: Run, progress: bool, stop_at_step: int | None) -> None:
     steps, log_every = cfg.train.steps, cfg.train.log_every
     writer = MetricWriter(run.workdir)
     is_main = jax.process_index() == 0
-    tokens_per_step = cfg.train.batch_size * run.family.tokens_per_example
+    # Examples of a step: a batch, or a federated round's (its padding slots not counted).
+    examples = run.pipeline.info.get("examples_per_step", cfg.train.batch_size)
+    tokens_per_step = examples * run.family.tokens_per_example
     throughput = f"train/{run.family.throughput_unit}_per_s"
 
     step = run.start_step
