@@ -72,6 +72,9 @@ ELSEWHERE = {
                                   "imports a random Llama",
     "--workdir=W --hf_dir=DIR": "placeholders; the demonstration runs export_checkpoint, and "
                                 "test_hf_interop.py::test_import_sample_export_round_trip",
+    "--workdir=W [--reference=W2]": "placeholders; the Privacy section's commands audit real "
+                                    "runs, and test_privacy.py::"
+                                    "test_privacy_audit_reports_membership_canaries_and_epsilon",
 }
 
 # Appended to shrink a training run (later flags win): a few steps, one evaluation, one

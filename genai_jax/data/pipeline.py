@@ -106,22 +106,21 @@ def units_mode(config) -> bool:
 
 
 def _text_units(config, pipeline: Pipeline, batch_multiple: int) -> Pipeline:
-    """`pipeline` training on fixed non-overlapping windows of its training stream
-    (`private.WindowUnits`) when `units_mode`: the members of an audit split, canaries written
-    into some, sampled by DP-SGD's batches or shuffled epoch by epoch; in federated training,
-    on the rounds of the clients its training stream is partitioned into."""
+    """`pipeline` training on fixed units of its training stream: in federated training, the
+    rounds of the clients it is partitioned into; when `units_mode`, non-overlapping windows
+    (`private.WindowUnits`): the members of an audit split, canaries written into some,
+    sampled by DP-SGD's batches or shuffled epoch by epoch."""
     if not units_mode(config) and not federated_enabled(config):
         return pipeline
     if "train_tokens" not in pipeline.info:
         raise DataError("DP-SGD, privacy audits and federated training train on fixed units of "
                         "a token stream: raw text tokenised on the fly is not supported yet "
                         "(prepare the data with a tokenizer)")
+    d, block, info = config.data, config.model.block_size, pipeline.info
     if federated_enabled(config):
-        info = pipeline.info
         clients = federated.text_clients(config, info["train_tokens"], info["tokenizer"],
                                          info["end_of_document"])
         return _rounds_of(config, pipeline, clients, batch_multiple)
-    d, block, info = config.data, config.model.block_size, pipeline.info
     tokens = info["train_tokens"]
     members, nonmembers = private.split_units(len(tokens) // (block + 1), d.nonmember_fraction,
                                               d.max_members, config.seed)
