@@ -419,6 +419,9 @@ def test_image_membership_scores_are_the_familys_evaluation_of_one_image():
     np.testing.assert_allclose(losses, alone, rtol=1e-4)
 
 
+# (Training and auditing a VAE: ~15 s, slow for make test's budget; the scorer's own test
+# above stays in it.)
+@pytest.mark.slow
 def test_privacy_audit_of_an_image_run(tmp_path):
     from experiments import privacy_audit
 
