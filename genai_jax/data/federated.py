@@ -252,7 +252,7 @@ def client_batches(clients, config, multiple: int = 1, augment=None) -> tuple[Ba
     local = fed.local_steps * train.batch_size
     rounds = ClientRounds(clients, fed.clients_per_round, poisson, slots, local, config.seed)
     info = {"num_clients": n, "slots": slots, "client_sizes": clients.sizes,
-            "examples_per_round": fed.clients_per_round * local, "rounds": rounds}
+            "examples_per_round": fed.clients_per_round * local}
     examples = rounds if augment is None else rounds.seed(config.seed + 3).random_map(augment)
     return Batches(examples, slots * local), info
 
