@@ -88,7 +88,11 @@ def main(argv):
         (workdir / hf.IMPORT_FILE).write_text(json.dumps(
             {"hf_dir": str(hf_dir.absolute()), "architecture": hf.architecture(hf_config),
              "hf_config": hf_config}, indent=2) + "\n")
-    checkpointer = Checkpointer(workdir / "checkpoints", async_save=False)
+    # One array at a time (the largest bounds it), in chunks of 4 MiB: the host holds about
+    # one copy of the weights while they are written, not two.
+    largest = max(x.nbytes for x in jax.tree.leaves(params))
+    checkpointer = Checkpointer(workdir / "checkpoints", async_save=False,
+                                save_concurrent_bytes=largest, chunk_bytes=4 * 2**20)
     try:
         checkpointer.save(0, params, {"data_step": 0}, params_only=True)
     except BaseException:

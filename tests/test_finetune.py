@@ -127,6 +127,15 @@ def test_lora_targets_that_name_no_module_are_refused(base_run, text_file, tmp_p
     with pytest.raises(ConfigError, match="'gate'"):
         train(tiny_lm_config(**{"data.path": str(text_file), "model.lora.rank": 4,
                                 "model.lora.targets": "gate"}), tmp_path, progress=False)
+    # Whole modules trained beside the adapters: known ones, with adapters, and not the head
+    # of a model whose head is its embedding.
+    for overrides, message in [({"model.lora.rank": 4, "model.lora.modules_to_save": "embed,mlp"},
+                                "'mlp' names no module"),
+                               ({"model.lora.modules_to_save": "embed"}, "needs model.lora.rank"),
+                               ({"model.lora.rank": 4, "model.lora.modules_to_save": "lm_head"},
+                                "tie_embeddings")]:
+        with pytest.raises(ConfigError, match=message):
+            train(finetune_config(text_file, base_dir, **overrides), tmp_path, progress=False)
 
 
 # ---- instruction data ------------------------------------------------------------------------

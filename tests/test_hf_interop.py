@@ -135,6 +135,21 @@ def imported_llama(hf_models, tmp_path_factory, env):
     return workdir
 
 
+def test_a_tensor_is_read_in_blocks_into_a_view_of_the_parameter(hf_models):
+    """What the import does with a Linear weight: block by block (here of 3 rows) through the
+    transposed view of our kernel's buffer, cast to its dtype on the way."""
+    import ml_dtypes
+
+    directory, _ = hf_models["llama"]
+    files = hf.TensorFiles(directory)
+    name = "model.layers.0.mlp.up_proj.weight"
+    whole = files.get(name)
+    for dtype in (np.float32, ml_dtypes.bfloat16):
+        kernel = hf._mapped_empty(whole.shape[::-1], np.dtype(dtype))
+        files.read_into(name, kernel.T, block_bytes=3 * whole.shape[1] * kernel.itemsize)
+        np.testing.assert_array_equal(kernel, whole.T.astype(dtype))
+
+
 def test_import_sample_export_round_trip(hf_models, imported_llama, tmp_path, env):
     """Import, sample, then export (sharded): the weights come back bit for bit, with the
     tokenizer, and `transformers` loads the export with the same logits."""
@@ -189,8 +204,9 @@ def test_a_from_scratch_model_with_learned_positions_exports_as_gpt2(text_file, 
 
 
 def test_lora_adapter_exports_for_peft(hf_models, imported_llama, text_file, tmp_path, env):
-    """A LoRA run on the imported Llama: its PEFT adapter, loaded by `peft` onto the Hugging
-    Face base model, gives genai_jax's logits."""
+    """A LoRA run on the imported Llama that also trains the embedding and the head whole
+    (PEFT's `modules_to_save`): its PEFT adapter, loaded by `peft` onto the Hugging Face base
+    model, gives genai_jax's logits."""
     import peft
     import torch
     import transformers
@@ -201,14 +217,20 @@ def test_lora_adapter_exports_for_peft(hf_models, imported_llama, text_file, tmp
 
     config = finetune_config(text_file, imported_llama, **{
         "model.lora.rank": 4, "model.lora.targets": "q,v,o_proj,down", "train.steps": 10,
-        "train.learning_rate": 0.05,
+        "model.lora.modules_to_save": "embed_tokens,head", "train.learning_rate": 0.05,
         "model.block_size": 32})
     run = train(config, tmp_path / "lora", progress=False)
+    # Trained: the adapters, the embedding and the head (float32); the rest is frozen.
+    trained = {path[0] for path in hf._flat_paths(run.state.params)}
+    assert trained == {"blocks", "embed", "head"}
+    assert not {"embed", "head"} & {path[0] for path in hf._flat_paths(run.state.frozen)}
     out = tmp_path / "adapter"
     proc = cli("export_checkpoint", f"--workdir={tmp_path / 'lora'}", f"--hf_dir={out}",
                "--adapter_only", env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert {p.name for p in out.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    saved = json.loads((out / "adapter_config.json").read_text())["modules_to_save"]
+    assert saved == ["embed_tokens", "lm_head"]
     directory, _ = hf_models["llama"]
     base = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     peft_model = peft.PeftModel.from_pretrained(base, out).eval()

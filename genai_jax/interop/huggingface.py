@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import mmap
 import pathlib
 from collections.abc import Callable, Iterator
 
@@ -326,13 +327,34 @@ class TensorFiles:
                 return candidate
         return None
 
-    def get(self, name: str) -> np.ndarray:
+    def _found(self, name: str) -> str:
         found = self.resolve(name)
         if found is None:
             raise ConversionError(f"the weights in {self.dir} have no tensor {name!r}")
+        return found
+
+    def get(self, name: str) -> np.ndarray:
+        found = self._found(name)
         with jax.default_device(jax.local_devices(backend="cpu")[0]), \
                 self._open(self._where[found]) as f:
             return np.asarray(f.get_tensor(found))
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        found = self._found(name)
+        with self._open(self._where[found]) as f:
+            return tuple(f.get_slice(found).get_shape())
+
+    def read_into(self, name: str, out: np.ndarray, block_bytes: int = 4 * 2**20) -> None:
+        """Read tensor `name` into `out` (an array, or a strided view, of its shape; cast to
+        its dtype) a block of rows at a time, the file open for one block only: the host holds
+        one block beyond `out`."""
+        found = self._found(name)
+        rows = max(1, block_bytes // max(1, out[:1].nbytes))
+        for start in range(0, out.shape[0], rows):
+            stop = min(start + rows, out.shape[0])
+            with jax.default_device(jax.local_devices(backend="cpu")[0]), \
+                    self._open(self._where[found]) as f:
+                out[start:stop] = np.asarray(f.get_slice(found)[start:stop])
 
 
 def _flat_paths(tree) -> dict[tuple, object]:
@@ -353,11 +375,34 @@ def abstract_params(cfg: TransformerConfig):
     return nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
 
 
+def _shape_error(hf_dir, name: str, shape, path: tuple, wanted) -> ConversionError:
+    return ConversionError(
+        f"tensor {name!r} in {hf_dir} has shape {tuple(shape)}, which does not give "
+        f"{'.'.join(map(str, path))} of shape {tuple(wanted)} as config.json implies")
+
+
+def _mapped_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A zero array in its own anonymous memory map: page-aligned, so a CPU device adopts it
+    without a copy, and outside malloc's heap, which the reading blocks would fragment."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    return np.frombuffer(mmap.mmap(-1, max(1, nbytes)), dtype, math.prod(shape)).reshape(shape)
+
+
+def _place(value: np.ndarray, sharding) -> jax.Array:
+    """`value` on `sharding` (None: the default device). On one device it may be adopted
+    as it is (CPU, aligned); over several, each device copies its shard."""
+    if sharding is None or len(sharding.device_set) == 1:
+        return jax.device_put(value, sharding, may_alias=True)
+    return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
+
+
 def load_params(hf_dir: str | pathlib.Path, cfg: TransformerConfig, shardings=None):
     """The parameters of the Hugging Face checkpoint in `hf_dir` for a transformer `cfg` (from
     `model_keys` of its config), each cast to `cfg.param_dtype` and placed by `shardings` (a
     tree like the parameter state whose leaves are `jax.sharding.Sharding`s; None: the default
-    device) as soon as it is read, so the host holds about one tensor beyond the placed ones."""
+    device) as soon as it is read. A tensor that is one parameter is read a block at a time
+    into the parameter's own buffer, which a CPU device adopts: the host then holds one block
+    beyond the weights (others, e.g. GPT-2's fused q/k/v, one tensor and its conversion)."""
     kind = architecture(read_config(hf_dir))
     files = TensorFiles(hf_dir)
     abstract = _flat_paths(abstract_params(cfg))
@@ -365,6 +410,20 @@ def load_params(hf_dir: str | pathlib.Path, cfg: TransformerConfig, shardings=No
     dtype = np.dtype(jax.numpy.dtype(cfg.param_dtype))
     values = {}
     for group in _layout(kind, cfg):
+        if len(group.hf) == len(group.ours) == 1:
+            # One tensor to one parameter: read straight into the parameter's buffer (through
+            # the inverse conversion's view of it), which the device then takes without a copy.
+            path = group.ours[0]
+            out = _mapped_empty(abstract[path].shape, dtype)
+            (view,) = group.to_hf(out)
+            if np.shares_memory(view, out):
+                shape = files.shape(group.hf[0])
+                if shape != view.shape:
+                    raise _shape_error(hf_dir, group.hf[0], shape, path, out.shape)
+                files.read_into(group.hf[0], view)
+                values[path] = _place(out, where.get(path))
+                del out, view
+                continue
         tensors = [files.get(n) for n in group.hf]
         wanted = [tuple(abstract[path].shape) for path in group.ours]
         try:
@@ -372,16 +431,9 @@ def load_params(hf_dir: str | pathlib.Path, cfg: TransformerConfig, shardings=No
         except ValueError:  # a reshape that cannot be: the tensor has another size
             converted = None
         if converted is None or [v.shape for v in converted] != wanted:
-            raise ConversionError(
-                f"tensor {group.hf[0]!r} in {hf_dir} has shape {tensors[0].shape}, which does not "
-                f"give {'.'.join(map(str, group.ours[0]))} of shape {wanted[0]} as config.json "
-                "implies")
+            raise _shape_error(hf_dir, group.hf[0], tensors[0].shape, group.ours[0], wanted[0])
         for path, value in zip(group.ours, converted, strict=True):
-            value = value.astype(dtype, copy=False)
-            sharding = where.get(path)
-            values[path] = (jax.device_put(value) if sharding is None else
-                            jax.make_array_from_callback(value.shape, sharding,
-                                                         lambda idx, v=value: v[idx]))
+            values[path] = _place(value.astype(dtype, copy=False), where.get(path))
             del value
         del converted, tensors
     missing = set(abstract) - set(values)
@@ -447,6 +499,8 @@ def write_safetensors(tensors: Iterator[tuple[str, np.ndarray]], hf_dir: str | p
 _PEFT_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
                  "out": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
                  "down": "mlp.down_proj"}
+# PEFT's names of the modules a LoRA run may train whole (`model.lora.modules_to_save`).
+_PEFT_SAVED = {"embed": "embed_tokens", "head": "lm_head"}
 _MODULE_OF = {"q": "attn", "k": "attn", "v": "attn", "out": "attn", "gate": "mlp", "up": "mlp",
               "down": "mlp"}
 
@@ -456,8 +510,10 @@ def export_adapter(adapters, cfg: TransformerConfig, kind: str
     """A PEFT LoRA adapter of a LoRA run: `(adapter_config.json dict, (name, array) ...)` for
     `peft.PeftModel.from_pretrained` on the Hugging Face base model. PEFT's `lora_A.weight` is
     our `lora_a` transposed (`[rank, in]`), `lora_B.weight` our `lora_b` transposed, both
-    over the flattened Hugging Face axes; its scale is ours, alpha / rank. GPT-2, whose q, k
-    and v share one `c_attn` matrix, has no exact PEFT form of separate adapters: refused."""
+    over the flattened Hugging Face axes; its scale is ours, alpha / rank. Whole modules the
+    run trained beside the adapters (`model.lora.modules_to_save`: the embedding, the head) are
+    PEFT's `modules_to_save`, written in the checkpoint's layout. GPT-2, whose q, k and v share
+    one `c_attn` matrix, has no exact PEFT form of separate adapters: refused."""
     from genai_jax.parallel import fetch
 
     if cfg.lora is None:
@@ -466,13 +522,20 @@ def export_adapter(adapters, cfg: TransformerConfig, kind: str
         raise ConversionError("PEFT adapters of GPT-2 are not supported (its q, k and v share one "
                               "c_attn matrix); export the merged model without --adapter_only")
     flat = _flat_paths(adapters)
+    saved = [m for m in ("embed", "head") if any(path[0] == m for path in flat)]
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora.rank,
               "lora_alpha": cfg.lora.alpha, "lora_dropout": cfg.lora.dropout,
               "target_modules": sorted(_PEFT_MODULES[t].split(".")[1] for t in cfg.lora_targets),
               "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
-              "inference_mode": True, "init_lora_weights": True, "modules_to_save": None}
+              "inference_mode": True, "init_lora_weights": True,
+              "modules_to_save": [_PEFT_SAVED[m] for m in saved] or None}
 
     def tensors():
+        for group in _layout(kind, cfg):
+            if group.ours[0][0] in saved:
+                ours = [np.asarray(fetch(flat[path])) for path in group.ours]
+                yield from zip((f"base_model.model.{n}" for n in group.hf), group.to_hf(*ours),
+                               strict=True)
         for i in range(cfg.num_layers):
             for target in cfg.lora_targets:
                 ours = ("blocks", i, _MODULE_OF[target], target)

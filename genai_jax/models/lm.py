@@ -48,8 +48,10 @@ def config_defaults() -> dict:
                       dtype="float32", param_dtype="float32", remat="none",
                       # LoRA (rank 0: off): adapters on the projections named in `targets`
                       # (q, k, v, out, gate, up, down; "attention", "mlp", "all"; or the
-                      # Hugging Face names q_proj, ...); only they are trained.
-                      lora=dict(rank=0, alpha=16.0, dropout=0.0, targets="attention")),
+                      # Hugging Face names q_proj, ...); only they are trained, and the
+                      # whole modules in `modules_to_save` (embed, head), as PEFT's.
+                      lora=dict(rank=0, alpha=16.0, dropout=0.0, targets="attention",
+                                modules_to_save="")),
         "sample": dict(prompt="", num_samples=1, max_new_tokens=200, temperature=0.8, top_k=0,
                        top_p=1.0),
     }
@@ -90,6 +92,10 @@ def validate(config) -> None:
                           "positive and model.lora.dropout in [0, 1)")
     if m.lora.rank:
         lora_targets(m.lora.targets, m.mlp)
+    saved = lora_modules_to_save(m.lora.get("modules_to_save", ""), m.tie_embeddings)
+    if saved and not m.lora.rank:
+        raise ConfigError("model.lora.modules_to_save trains whole modules beside LoRA adapters: "
+                          "it needs model.lora.rank > 0 (without LoRA every weight is trained)")
     if config.sample.temperature < 0 or not 0.0 < config.sample.top_p <= 1.0:
         raise ConfigError("sample.temperature must be >= 0 and sample.top_p in (0, 1]")
     if config.data.name in ("text_file", "instructions") and not config.data.path:
@@ -119,6 +125,26 @@ def lora_targets(spec: str, mlp: str) -> tuple[str, ...]:
                               f"model.mlp={mlp!r} model does not have (SwiGLU only)")
         chosen.discard("gate")
     return tuple(t for t in LORA_TARGETS if t in chosen)
+
+
+# The modules a LoRA run may train whole beside its adapters (PEFT's `modules_to_save`).
+_SAVE_NAMES = {"embed": "embed", "embed_tokens": "embed", "head": "head", "lm_head": "head"}
+
+
+def lora_modules_to_save(spec: str, tie_embeddings: bool) -> tuple[str, ...]:
+    """The modules `model.lora.modules_to_save` names (comma-separated; may be empty), of
+    ("embed", "head"); an unknown name, or the head of a model whose head is its embedding
+    (`tie_embeddings`), is refused."""
+    names = [n.strip() for n in str(spec).split(",") if n.strip()]
+    unknown = [n for n in names if n not in _SAVE_NAMES]
+    if unknown:
+        raise ConfigError(f"model.lora.modules_to_save={spec!r}: {unknown[0]!r} names no module "
+                          "a LoRA run can train whole; use embed, head (or embed_tokens, lm_head)")
+    chosen = {_SAVE_NAMES[n] for n in names}
+    if "head" in chosen and tie_embeddings:
+        raise ConfigError(f"model.lora.modules_to_save={spec!r} names the head, but "
+                          "model.tie_embeddings is set (the head is the embedding): name 'embed'")
+    return tuple(m for m in ("embed", "head") if m in chosen)
 
 
 def model_config(config, vocab_size: int) -> TransformerConfig:
@@ -156,12 +182,18 @@ def build(config, data_info: dict) -> Family:
     tx = make_optimizer(config.train)
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
 
+    saved = lora_modules_to_save(config.model.lora.get("modules_to_save", ""),
+                                 cfg.tie_embeddings) if cfg.lora is not None else ()
+    trained = nnx.Any(LoRAParam, *(nnx.PathContains(m) for m in saved))
+
     def create(params, state_rng) -> TrainState:
-        """The state that trains `params`: all of them, or with LoRA the adapters only (the
-        optimizer and the EMA see nothing else; the base is `frozen`)."""
+        """The state that trains `params`: all of them, or with LoRA the adapters only and the
+        modules of `model.lora.modules_to_save`, in float32 (the optimizer and the EMA see
+        nothing else; the base is `frozen`)."""
         if cfg.lora is None:
             return TrainState.create(params, tx, state_rng, config.train.ema_decay)
-        adapters, base = nnx.split_state(params, LoRAParam, ...)
+        adapters, base = nnx.split_state(params, trained, ...)
+        adapters = jax.tree.map(lambda x: x.astype(jnp.float32), adapters)
         return TrainState.create(adapters, tx, state_rng, config.train.ema_decay, frozen=base)
 
     def init(rng: jax.Array) -> TrainState:

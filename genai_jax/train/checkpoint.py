@@ -43,13 +43,26 @@ class CheckpointWriteError(CheckpointError):
 
 class Checkpointer:
     def __init__(self, directory: str | pathlib.Path, *, keep: int = 3, async_save: bool = True,
-                 create: bool = True):
+                 create: bool = True, save_concurrent_bytes: int | None = None,
+                 chunk_bytes: int | None = None):
+        """`save_concurrent_bytes` bounds the bytes Orbax copies and writes at once (at least
+        the largest array's) and `chunk_bytes` the size of the chunks TensorStore encodes and
+        writes: a save then holds about the largest array beyond the state, not a second
+        copy of it (the import of a checkpoint saves this way)."""
         self.directory = pathlib.Path(directory).absolute()
         self._writable = create  # read-only users (sampling, evaluation) never move anything
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
                                                enable_async_checkpointing=async_save,
                                                cleanup_tmp_directories=create)
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        handlers = None
+        if save_concurrent_bytes is not None:  # Orbax takes GB (a fraction works), + rounding
+            limited = lambda: ocp.StandardCheckpointHandler(
+                save_concurrent_gb=(save_concurrent_bytes + 2**20) / 1e9)
+            handlers = {"state": limited(), "params": limited(),
+                        "meta": ocp.JsonCheckpointHandler()}
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              item_handlers=handlers)
+        self._chunk_bytes = chunk_bytes
         self._saving: int | None = None  # the step of the save in flight, if any
         self._last_saved: int | None = self._manager.latest_step()
 
@@ -64,10 +77,12 @@ class Checkpointer:
         self._saving = step
         item = "params" if params_only else "state"
         meta = {**meta, "params_only": True} if params_only else meta
+        save_args = None if self._chunk_bytes is None else jax.tree.map(
+            lambda _: ocp.SaveArgs(chunk_byte_size=self._chunk_bytes), state)
         with self._write_errors():
             self._manager.save(step, args=ocp.args.Composite(
-                **{item: ocp.args.StandardSave(state)}, meta=ocp.args.JsonSave(meta)),
-                force=True)
+                **{item: ocp.args.StandardSave(state, save_args=save_args)},
+                meta=ocp.args.JsonSave(meta)), force=True)
         if not self._manager.is_saving_in_progress():
             self.wait()  # synchronous saves: check at once
 
