@@ -72,6 +72,13 @@ def _private_cache_and_tmp(tmp_path_factory):
     scratch = tmp_path_factory.getbasetemp() / "tmp"
     scratch.mkdir(exist_ok=True)
     os.environ["TMPDIR"] = tempfile.tempdir = str(scratch)
+    # Compiled programs are kept for this process only (a cache per pytest worker; the
+    # subprocesses tests start do not use it): a resumed run, or a test that builds the same
+    # run again, loads its steps instead of compiling them again.
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.getbasetemp() / "jit"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
 def image_data_config(name: str = "digits", **overrides):
