@@ -203,7 +203,7 @@ def peer_command(path: str, cfg) -> list[str]:
         if m.lora.rank and lora_targets(m.lora.targets, m.mlp) != ATTENTION_PROJECTIONS:
             raise UserError(f"--peer {path} puts LoRA adapters on q, k, v and o only: run with "
                             f"model.lora.targets='attention' (not {m.lora.targets!r})")
-        if m.lora.rank and m.lora.get("modules_to_save"):
+        if m.lora.rank and m.lora.modules_to_save:
             raise UserError(f"--peer {path} trains the adapters alone: run without "
                             f"model.lora.modules_to_save (not {m.lora.modules_to_save!r})")
         return common + ["--mode", "lora" if m.lora.rank else "full", "--hf_dir", str(hf_dir),

@@ -246,6 +246,41 @@ def test_lora_adapter_exports_for_peft(hf_models, imported_llama, text_file, tmp
     assert np.abs(torch_logits(alone.eval(), x) - ours).max() > 100 * tolerance(ours)
 
 
+def test_a_trained_tied_embedding_exports_for_peft(hf_models, tmp_path):
+    """A LoRA state of tied Qwen2 whose embedding (also its head) was trained whole: PEFT ties
+    the two again, so its logits are genai_jax's (adapters and embedding moved at random)."""
+    import dataclasses
+
+    import peft
+    import torch
+    import transformers
+
+    from genai_jax.nn import LoRA, LoRAParam
+
+    directory, _ = hf_models["qwen2"]
+    plain = hf.transformer_config(directory)
+    assert plain.tie_embeddings
+    cfg = dataclasses.replace(plain, lora=LoRA(4, 8.0), lora_targets=("q", "v"))
+    params = nnx.merge_state(nnx.state(Transformer(cfg, rngs=nnx.Rngs(1)), nnx.Param),
+                             hf.load_params(directory, plain))
+    key = iter(jax.random.split(jax.random.PRNGKey(2), 64))
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: x + 0.3 * jax.random.normal(next(key), x.shape) if {"lora_b", "embed"}
+        & {getattr(k, "key", None) for k in path} else x, params)
+    trained, _ = nnx.split_state(params, nnx.Any(LoRAParam, nnx.PathContains("embed")), ...)
+    adapter_config, tensors = hf.export_adapter(trained, cfg, "qwen2")
+    out = tmp_path / "adapter"
+    hf.write_safetensors(tensors, out, name="adapter_model.safetensors")
+    (out / "adapter_config.json").write_text(json.dumps(
+        {**adapter_config, "base_model_name_or_path": str(directory)}))
+    base = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    peft_model = peft.PeftModel.from_pretrained(base, out).eval()
+    x = tokens(seed=5)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    ours = np.asarray(nnx.merge(graphdef, params)(x)[0])
+    np.testing.assert_allclose(torch_logits(peft_model, x), ours, atol=tolerance(ours), rtol=0)
+
+
 def test_import_onto_fsdp8_in_bfloat16(hf_models, tmp_path, env):
     directory, _ = hf_models["qwen2"]
     run_env = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}

@@ -17,6 +17,7 @@ head axes: q `[embed, heads, head_dim]`, out `[heads, head_dim, embed]`):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -333,10 +334,16 @@ class TensorFiles:
             raise ConversionError(f"the weights in {self.dir} have no tensor {name!r}")
         return found
 
-    def get(self, name: str) -> np.ndarray:
-        found = self._found(name)
+    @contextlib.contextmanager
+    def _reading(self, found: str):
+        """The file holding tensor `found`, opened for one read, its arrays made on the host."""
         with jax.default_device(jax.local_devices(backend="cpu")[0]), \
                 self._open(self._where[found]) as f:
+            yield f
+
+    def get(self, name: str) -> np.ndarray:
+        found = self._found(name)
+        with self._reading(found) as f:
             return np.asarray(f.get_tensor(found))
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -352,8 +359,7 @@ class TensorFiles:
         rows = max(1, block_bytes // max(1, out[:1].nbytes))
         for start in range(0, out.shape[0], rows):
             stop = min(start + rows, out.shape[0])
-            with jax.default_device(jax.local_devices(backend="cpu")[0]), \
-                    self._open(self._where[found]) as f:
+            with self._reading(found) as f:
                 out[start:stop] = np.asarray(f.get_slice(found)[start:stop])
 
 
@@ -385,7 +391,8 @@ def _mapped_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """A zero array in its own anonymous memory map: page-aligned, so a CPU device adopts it
     without a copy, and outside malloc's heap, which the reading blocks would fragment."""
     nbytes = math.prod(shape) * dtype.itemsize
-    return np.frombuffer(mmap.mmap(-1, max(1, nbytes)), dtype, math.prod(shape)).reshape(shape)
+    pages = mmap.mmap(-1, max(1, nbytes), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return np.frombuffer(pages, dtype, math.prod(shape)).reshape(shape)
 
 
 def _place(value: np.ndarray, sharding) -> jax.Array:
@@ -416,14 +423,14 @@ def load_params(hf_dir: str | pathlib.Path, cfg: TransformerConfig, shardings=No
             path = group.ours[0]
             out = _mapped_empty(abstract[path].shape, dtype)
             (view,) = group.to_hf(out)
-            if np.shares_memory(view, out):
-                shape = files.shape(group.hf[0])
-                if shape != view.shape:
-                    raise _shape_error(hf_dir, group.hf[0], shape, path, out.shape)
-                files.read_into(group.hf[0], view)
-                values[path] = _place(out, where.get(path))
-                del out, view
-                continue
+            assert np.shares_memory(view, out), group.hf  # a conversion that copies: not here
+            shape = files.shape(group.hf[0])
+            if shape != view.shape:
+                raise _shape_error(hf_dir, group.hf[0], shape, path, out.shape)
+            files.read_into(group.hf[0], view)
+            values[path] = _place(out, where.get(path))
+            del out, view
+            continue
         tensors = [files.get(n) for n in group.hf]
         wanted = [tuple(abstract[path].shape) for path in group.ours]
         try:
@@ -523,19 +530,24 @@ def export_adapter(adapters, cfg: TransformerConfig, kind: str
                               "c_attn matrix); export the merged model without --adapter_only")
     flat = _flat_paths(adapters)
     saved = [m for m in ("embed", "head") if any(path[0] == m for path in flat)]
+    # A trained embedding that is also the head (tied): PEFT wraps both and ties them again.
+    tied = cfg.tie_embeddings and "embed" in saved
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora.rank,
               "lora_alpha": cfg.lora.alpha, "lora_dropout": cfg.lora.dropout,
               "target_modules": sorted(_PEFT_MODULES[t].split(".")[1] for t in cfg.lora_targets),
               "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
               "inference_mode": True, "init_lora_weights": True,
-              "modules_to_save": [_PEFT_SAVED[m] for m in saved] or None}
+              "modules_to_save": [_PEFT_SAVED[m] for m in saved + ["head"] * tied] or None,
+              "ensure_weight_tying": tied}
 
     def tensors():
         for group in _layout(kind, cfg):
             if group.ours[0][0] in saved:
                 ours = [np.asarray(fetch(flat[path])) for path in group.ours]
-                yield from zip((f"base_model.model.{n}" for n in group.hf), group.to_hf(*ours),
-                               strict=True)
+                for name, value in zip(group.hf, group.to_hf(*ours), strict=True):
+                    yield f"base_model.model.{name}", value
+                    if tied and group.ours[0][0] == "embed":
+                        yield "base_model.model.lm_head.weight", value
         for i in range(cfg.num_layers):
             for target in cfg.lora_targets:
                 ours = ("blocks", i, _MODULE_OF[target], target)

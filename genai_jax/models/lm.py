@@ -92,7 +92,7 @@ def validate(config) -> None:
                           "positive and model.lora.dropout in [0, 1)")
     if m.lora.rank:
         lora_targets(m.lora.targets, m.mlp)
-    saved = lora_modules_to_save(m.lora.get("modules_to_save", ""), m.tie_embeddings)
+    saved = lora_modules_to_save(m.lora.modules_to_save, m.tie_embeddings)
     if saved and not m.lora.rank:
         raise ConfigError("model.lora.modules_to_save trains whole modules beside LoRA adapters: "
                           "it needs model.lora.rank > 0 (without LoRA every weight is trained)")
@@ -182,8 +182,8 @@ def build(config, data_info: dict) -> Family:
     tx = make_optimizer(config.train)
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
 
-    saved = lora_modules_to_save(config.model.lora.get("modules_to_save", ""),
-                                 cfg.tie_embeddings) if cfg.lora is not None else ()
+    saved = (lora_modules_to_save(config.model.lora.modules_to_save, cfg.tie_embeddings)
+             if cfg.lora is not None else ())
     trained = nnx.Any(LoRAParam, *(nnx.PathContains(m) for m in saved))
 
     def create(params, state_rng) -> TrainState:
@@ -206,11 +206,14 @@ def build(config, data_info: dict) -> Family:
         `model.param_dtype`; LoRA adapters start as `init` draws them (B = 0: the pretrained
         function exactly)."""
         params_rng, state_rng = jax.random.split(rng)
-        params = jax.tree.map(lambda x: x.astype(cfg.param_dtype), params)
-        if cfg.lora is not None:  # fresh adapters (the random base they come with is unused)
-            fresh = nnx.state(Transformer(cfg, rngs=nnx.Rngs(params=params_rng)), LoRAParam)
-            params = nnx.merge_state(params, fresh)
-        return create(params, state_rng)
+        if cfg.lora is None:
+            return create(jax.tree.map(lambda x: x.astype(cfg.param_dtype), params), state_rng)
+        # The frozen base in model.param_dtype; the modules trained whole stay as they come
+        # (`create` makes them float32); fresh adapters (their random base is unused).
+        kept, base = nnx.split_state(params, trained, ...)
+        fresh = nnx.state(Transformer(cfg, rngs=nnx.Rngs(params=params_rng)), LoRAParam)
+        return create(nnx.merge_state(jax.tree.map(lambda x: x.astype(cfg.param_dtype), base),
+                                      kept, fresh), state_rng)
 
     def export_params(state: TrainState):
         """The parameters evaluated with, adapters folded into their kernels: those of the same
@@ -221,7 +224,9 @@ def build(config, data_info: dict) -> Family:
         for _, module in nnx.iter_modules(model):
             if isinstance(module, Dense) and module.lora is not None:
                 module.kernel[...] = module.merged_kernel()
-        return nnx.state(model, nnx.All(nnx.Param, nnx.Not(LoRAParam)))
+        # (the modules trained whole are float32: back to the model's parameter dtype)
+        return jax.tree.map(lambda x: x.astype(cfg.param_dtype),
+                            nnx.state(model, nnx.All(nnx.Param, nnx.Not(LoRAParam))))
 
     dropout = cfg.dropout > 0 or (cfg.lora is not None and cfg.lora.dropout > 0)
 
