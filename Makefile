@@ -25,8 +25,9 @@ train: install
 
 # make test (CI) leaves out the tests marked slow: the notebooks, the README's commands, the
 # mesh-layout equivalence runs, the two-process runs and the kernels' long sweeps, which make
-# test-all adds (measured on 2 cores, clean clone, 2026-12-02: 24 minutes of pytest for make test,
-# 26 with the install; the machine's speed drifts by up to 1.5x).
+# test-all adds (measured on 2 cores, clean clone, 2026-12-07: 17 minutes of pytest for make test,
+# 18 with the install; the machine's speed drifts by up to 1.5x). The tests keep a compilation
+# cache per pytest worker (tests/conftest.py), so a program compiled twice in one worker loads.
 test: install
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
