@@ -348,7 +348,7 @@ class TensorFiles:
 
     def shape(self, name: str) -> tuple[int, ...]:
         found = self._found(name)
-        with self._open(self._where[found]) as f:
+        with self._reading(found) as f:
             return tuple(f.get_slice(found).get_shape())
 
     def read_into(self, name: str, out: np.ndarray, block_bytes: int = 4 * 2**20) -> None:
