@@ -4,6 +4,7 @@ batches by (seed, step), and the classifier-based sample metrics."""
 from __future__ import annotations
 
 import gzip
+import pathlib
 
 import numpy as np
 import pytest
@@ -46,7 +47,7 @@ def test_embedded_data_is_built_into_the_cache_not_home(tmp_path, monkeypatch):
 def _write_idx(path, array: np.ndarray):
     header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
         d.to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as f:
+    with (gzip.open if path.suffix == ".gz" else open)(path, "wb") as f:
         f.write(header + array.astype(np.uint8).tobytes())
 
 
@@ -64,6 +65,15 @@ def test_idx_folder_one_pair_splits_9_to_1(tmp_path):
     _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", y[:20])
     data = load_images(image_data_config("mnist_idx", path=str(tmp_path)))
     assert (len(data.train), len(data.validation)) == (20, 50)
+    # an uncompressed file is memory-mapped, not read whole; a cut one is one line
+    plain = tmp_path / "plain-images-idx3-ubyte"
+    _write_idx(plain, x)
+    mapped = read_idx(plain)
+    assert isinstance(mapped, np.memmap)
+    np.testing.assert_array_equal(mapped, x)
+    plain.write_bytes(plain.read_bytes()[:-7])
+    with pytest.raises(DataError, match="declares shape .50, 6, 5. but holds 1493 values"):
+        read_idx(plain)
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "mnist").exists(), reason="no ../shared/data/mnist")
@@ -87,6 +97,39 @@ def test_image_folder_labels_by_subfolder(tmp_path):
     assert len(data.train) + len(data.validation) == 60 and 0 < len(data.validation) < 30
     labels = data.train.get(np.arange(len(data.train)))["label"]
     assert set(labels) == {0, 1}
+
+
+def test_image_files_are_decoded_when_read_and_by_the_data_workers(tmp_path, monkeypatch):
+    """An image folder is scanned by headers; its pixels are decoded when a batch reads them:
+    by the worker processes when there are some (this process's decoder is broken here)."""
+    from PIL import Image
+
+    from genai_jax.data import image_sources
+
+    rng = np.random.default_rng(0)
+    pictures = rng.integers(0, 256, (24, 4, 6, 3), np.uint8)
+    for i, picture in enumerate(pictures):
+        Image.fromarray(picture).save(tmp_path / f"{i:02d}.png")
+    data = load_images(image_data_config("image_folder", path=str(tmp_path),
+                                         validation_fraction=0.2))
+    assert isinstance(data.train, image_sources.ImageFiles)
+    names = [int(pathlib.Path(p).stem) for p in data.train.paths]
+    np.testing.assert_array_equal(data.train.get(np.arange(3))["x"], pictures[names[:3]])
+    batches = image_batches(data.train, 4, seed=0)
+    expected = [batches.batch(s)["x"] for s in range(4)]
+
+    def broken(*_):
+        raise AssertionError("decoded in the training process")
+
+    monkeypatch.setattr(image_sources, "decode_image", broken)
+    got = [b["x"][0] for b in batches.iterator(0, 4, workers=2, prefetch=1)]
+    np.testing.assert_array_equal(np.stack(got), np.stack(expected))
+    with pytest.raises(AssertionError, match="training process"):
+        batches.batch(0)
+    monkeypatch.undo()
+    (tmp_path / f"{names[0]:02d}.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=f"{names[0]:02d}.png cannot be decoded"):
+        data.train[0]
 
 
 def test_image_folder_errors_are_one_line(tmp_path):

@@ -266,6 +266,12 @@ def test_mnist_idx_and_image_folders_become_image_records(tmp_path):
             folder / ("cat" if i % 2 else "dog") / f"{i}.png")
     index = prepare.prepare_images(sorted(folder.rglob("*.png")), tmp_path / "folder",
                                    validation_fraction=0.25, log=lambda *_: None)
+    # image files are stored as they are (label, then the file's bytes), decoded when read
+    assert (index["encoding"], index["mode"], index["shape"]) == ("file", "RGB", [6, 5, 3])
+    records = shards.ShardReader([str(tmp_path / "folder" / s["file"])
+                                  for s in index["splits"]["train"]["shards"]])
+    files = {p.read_bytes() for p in folder.rglob("*.png")}
+    assert all(records[i][4:] in files for i in range(len(records)))
     prepared = load_images(image_data_config("array_record", path=str(tmp_path / "folder")))
     direct = load_images(image_data_config("image_folder", path=str(folder),
                                            validation_fraction=0.25))
@@ -275,6 +281,11 @@ def test_mnist_idx_and_image_folders_become_image_records(tmp_path):
         rows = np.arange(len(b))
         for key in ("x", "label"):
             np.testing.assert_array_equal(a.get(rows)[key], b.get(rows)[key])
+    cut = folder / "cat" / "1.png"
+    cut.write_bytes(cut.read_bytes()[:-30])  # its header reads; its data does not verify
+    with pytest.raises(DataError, match="1.png is not an image PIL can read"):
+        prepare.prepare_images(sorted(folder.rglob("*.png")), tmp_path / "cut",
+                               log=lambda *_: None)
 
 
 def test_image_augmentation_is_opt_in_per_example_and_read_by_workers():
@@ -301,3 +312,29 @@ def test_image_augmentation_is_opt_in_per_example_and_read_by_workers():
     expected = np.stack([augmented.batch(s)["x"] for s in (2, 3)])
     (read,) = list(augmented.iterator(2, 4, steps_per_call=2, workers=1))
     np.testing.assert_array_equal(read["x"], expected)  # the same, drawn in a worker
+
+
+def test_windows_of_a_batch_read_together_equal_windows_read_one_by_one(prepared):
+    """A batch's windows are read in one call (offsets drawn together; one gather from an
+    in-memory stream, a record read each from shards) and equal the examples read alone; the
+    offsets are uniform over the stream."""
+    from genai_jax.data.lm_batches import WindowExamples, uniform_ints, windows
+
+    draws = uniform_ints(7, np.arange(200_000), 50)
+    counts = np.bincount(draws, minlength=50)
+    assert draws.min() == 0 and draws.max() == 49
+    assert ((counts - 4000) ** 2 / 4000).sum() < 100  # chi-square, 49 dof: p < 1e-5 above
+    assert not np.array_equal(uniform_ints(8, np.arange(100), 50), draws[:100])
+    out, index = prepared
+    stream = shards.TokenStream(out, index, "train")
+    in_memory = stream[0:len(stream)]
+    for tokens in (stream, in_memory):
+        for end in (None, index["end_of_document"]):
+            examples = WindowExamples(tokens, 24, seed=5, end_of_document=end)
+            together = examples.rows(range(40, 56))
+            alone = [examples[i] for i in range(40, 56)]
+            assert set(together) == set(alone[0])
+            for key, value in together.items():
+                np.testing.assert_array_equal(value, np.stack([a[key] for a in alone]))
+    windows_of = lambda tokens: windows(tokens, 16, 24, seed=5).batch(3)["inputs"]
+    np.testing.assert_array_equal(windows_of(stream), windows_of(in_memory))

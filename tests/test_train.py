@@ -109,8 +109,13 @@ def test_gradient_accumulation_matches_one_big_batch(text_file, tmp_path):
     for i, accum in enumerate((1, 4)):
         config = tiny_lm_config(**base, **{"train.grad_accum_steps": accum})
         runs.append(train(config, tmp_path / str(i), progress=False))
-    a, b = (jax.tree.leaves(r.state.params) for r in runs)
-    for x, y in zip(a, b, strict=True):
+    a, b = (jax.tree_util.tree_leaves_with_path(r.state.params) for r in runs)
+    for (path, x), (_, y) in zip(a, b, strict=True):
+        if "['k']['bias']" in jax.tree_util.keystr(path):
+            # The attention key bias adds q.b to every logit of a row, which the softmax
+            # cancels: its true gradient is 0, its computed one float32 rounding (~1e-9), and
+            # Adam's first steps scale that noise up to ~1e-6 in either run.
+            continue
         np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-6)
 
 

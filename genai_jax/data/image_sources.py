@@ -30,9 +30,9 @@ import os
 import pathlib
 
 import numpy as np
-import tensorflow_datasets as tfds
 
 from genai_jax import paths
+from genai_jax.data import shards
 from genai_jax.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -75,35 +75,9 @@ class TfdsSource:
                 "label": np.int32(row[self._label_key] if self._label_key else 0)}
 
 
-class Digits(tfds.core.GeneratorBasedBuilder):
-    """scikit-learn's bundled 8x8 handwritten digits as uint8 images; every 10th is test."""
-
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self, description=self.__doc__,
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Tensor(shape=(8, 8, 1), dtype=np.uint8),
-                "label": tfds.features.ClassLabel(num_classes=10)}),
-            supervised_keys=("image", "label"), disable_shuffling=True)
-
-    def _split_generators(self, dl_manager):
-        del dl_manager  # nothing to download: the images ship with scikit-learn
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-        index = np.arange(len(images))
-        return {"train": self._generate_examples(images, digits.target, index[index % 10 != 0]),
-                "test": self._generate_examples(images, digits.target, index[index % 10 == 0])}
-
-    def _generate_examples(self, images, labels, indices):
-        for i in indices:
-            yield int(i), {"image": images[i], "label": int(labels[i])}
-
-
 def digits(data_cfg) -> tuple[ArraySource, ArraySource, tuple[str, ...]]:
+    from genai_jax.data.digits import Digits
+
     builder = Digits(data_dir=paths.embedded_data_dir(data_cfg), file_format="array_record")
     if not builder.is_prepared():
         builder.download_and_prepare()
@@ -119,16 +93,25 @@ def _data_dir(data_cfg) -> str | None:
 
 
 def read_idx(path: pathlib.Path) -> np.ndarray:
-    """An IDX file (optionally gzipped) as a numpy array of its declared shape."""
-    raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    """An IDX file as a numpy array of its declared shape: memory-mapped (read as rows are
+    used, never held whole) when uncompressed; a gzipped file is decompressed into memory."""
+    if path.suffix == ".gz":
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    else:
+        with open(path, "rb") as f:
+            raw = f.read(4 + 4 * 255)  # the header: at most 255 dimensions
     if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08:
         raise DataError(f"{path} is not an unsigned-byte IDX file")
     ndim = raw[3]
     shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-    data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(shape)):
-        raise DataError(f"{path} declares shape {shape} but holds {data.size} values")
-    return data.reshape(shape)
+    header, size = 4 + 4 * ndim, int(np.prod(shape))
+    held = (len(raw) if path.suffix == ".gz" else path.stat().st_size) - header
+    if held != size:
+        raise DataError(f"{path} declares shape {shape} but holds {held} values")
+    if path.suffix == ".gz":
+        return np.frombuffer(raw, np.uint8, offset=header).reshape(shape)
+    return np.memmap(path, np.uint8, mode="r", offset=header, shape=shape)
 
 
 def mnist_idx(data_cfg) -> tuple[ArraySource, ArraySource, tuple[str, ...]]:
@@ -157,34 +140,100 @@ def mnist_idx(data_cfg) -> tuple[ArraySource, ArraySource, tuple[str, ...]]:
             DIGIT_NAMES)
 
 
-def image_folder(data_cfg) -> tuple[ArraySource, ArraySource, tuple[str, ...]]:
+@dataclasses.dataclass(frozen=True)
+class ImageFiles:
+    """A split of image files, decoded when read (in the data workers when there are some):
+    `x` uint8 `[H, W, C]` in PIL `mode` ("L" or "RGB"), `label` int32 (known without decoding)."""
+
+    paths: tuple[str, ...]
+    label: np.ndarray
+    mode: str
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def get(self, indices: np.ndarray) -> dict:
+        return {"x": np.stack([decode_image(self.paths[int(i)], self.mode) for i in indices]),
+                "label": self.label[indices]}
+
+    def __getitem__(self, index: int) -> dict:
+        return {"x": decode_image(self.paths[index], self.mode), "label": self.label[index]}
+
+
+def decode_image(file, mode: str) -> np.ndarray:
+    """uint8 `[H, W, C]` pixels of a PNG/JPEG (a path, or its bytes) in PIL `mode`."""
+    import io
+
     from PIL import Image
 
+    try:
+        with Image.open(io.BytesIO(file) if isinstance(file, bytes) else file) as image:
+            pixels = np.asarray(image.convert(mode), np.uint8)
+    except OSError as e:  # PIL's error for a cut or foreign file
+        where = "an image record" if isinstance(file, bytes) else str(file)
+        raise DataError(f"{where} cannot be decoded ({e})") from None
+    return pixels.reshape(*pixels.shape[:2], -1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFolderScan:
+    """Image files found under `root`, read by their headers only: each split's files and
+    labels, the example shape and the PIL mode they decode to, the class names."""
+
+    splits: dict[str, tuple[list[str], np.ndarray]]
+    shape: tuple[int, int, int]
+    mode: str
+    classes: tuple[str, ...]
+
+
+def scan_image_files(files: list[pathlib.Path], root: pathlib.Path, validation_fraction: float,
+                     where: str) -> ImageFolderScan:
+    """Classes are the sorted folders of `files` under `root` (none: unlabelled); all images
+    must have one size; an image is held out when a hash of its path under `root` falls in the
+    last `validation_fraction` of the buckets. `where` names the files in messages."""
+    from PIL import Image
+
+    relative = [f.resolve().relative_to(root.resolve()).as_posix() for f in files]
+    folders = [r.rpartition("/")[0] for r in relative]
+    classes = sorted(set(folders) - {""})
+    if classes and "" in folders:
+        raise DataError(f"{where} mixes images in class subfolders with images at its top "
+                        "level: put every image in a class folder, or none")
+    sizes, modes = [], set()
+    for f in files:
+        try:
+            with Image.open(f) as image:  # reads the header only
+                sizes.append(image.size)
+                modes.add(image.mode)
+        except OSError as e:
+            raise DataError(f"{f} is not an image PIL can read ({e})") from None
+        if sizes[-1] != sizes[0]:
+            raise DataError(f"images in {where} differ in size: {f.name} is "
+                            f"{sizes[-1][::-1]}, {files[0].name} is {sizes[0][::-1]}")
+    mode = "L" if modes <= {"L", "1", "I;16"} else "RGB"
+    label = np.array([classes.index(d) if classes else 0 for d in folders], np.int32)
+    held_out = np.array([_bucket(r) < validation_fraction for r in relative])
+    if held_out.all() or not held_out.any():
+        raise DataError(f"{where} has too few images ({len(files)}) to hold out "
+                        f"validation_fraction={validation_fraction}")
+    paths = np.array([str(f) for f in files], object)
+    splits = {"train": (list(paths[~held_out]), label[~held_out]),
+              "validation": (list(paths[held_out]), label[held_out])}
+    width, height = sizes[0]
+    return ImageFolderScan(splits, (height, width, 1 if mode == "L" else 3), mode,
+                           tuple(classes))
+
+
+def image_folder(data_cfg) -> tuple[ImageFiles, ImageFiles, tuple[str, ...]]:
     folder = _folder(data_cfg, "image_folder")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DataError(f"data.path {str(folder)!r} holds no PNG or JPEG images")
-    classes = sorted({f.parent.relative_to(folder).as_posix() for f in files} - {"."})
-    if classes and any(f.parent == folder for f in files):
-        raise DataError(f"data.path {str(folder)!r} mixes images in class subfolders with "
-                        "images at its top level: put every image in a class folder, or none")
-    pictures = [Image.open(f) for f in files]
-    mode = "L" if all(p.mode in ("L", "1", "I;16") for p in pictures) else "RGB"
-    x = [np.asarray(p.convert(mode)) for p in pictures]
-    for f, img in zip(files, x, strict=True):
-        if img.shape != x[0].shape:
-            raise DataError(f"images in {str(folder)!r} differ in size: {f.name} is "
-                            f"{img.shape[:2]}, {files[0].name} is {x[0].shape[:2]}")
-    x = np.stack(x).reshape(len(x), *x[0].shape[:2], -1).astype(np.uint8)
-    label = np.array([classes.index(f.parent.relative_to(folder).as_posix()) if classes else 0
-                      for f in files], np.int32)
-    held_out = np.array([_bucket(f.relative_to(folder).as_posix()) <
-                         data_cfg.validation_fraction for f in files])
-    if held_out.all() or not held_out.any():
-        raise DataError(f"data.path {str(folder)!r} has too few images ({len(files)}) to hold "
-                        f"out data.validation_fraction={data_cfg.validation_fraction}")
-    return (ArraySource(x[~held_out], label[~held_out]),
-            ArraySource(x[held_out], label[held_out]), tuple(classes))
+    scan = scan_image_files(files, folder, data_cfg.validation_fraction,
+                            f"data.path {str(folder)!r}")
+    train, validation = (ImageFiles(tuple(paths), labels, scan.mode)
+                         for paths, labels in scan.splits.values())
+    return train, validation, scan.classes
 
 
 def _bucket(name: str) -> float:
@@ -201,21 +250,50 @@ def _folder(data_cfg, name: str) -> pathlib.Path:
     return folder
 
 
+class ImageRecords(shards.Records):
+    """The images of one split of a prepared image directory: `records[i]` ->
+    `{"x": uint8 [H, W, C], "label": int32}` (a record is the label as 4 little-endian bytes,
+    then the image: its pixels, or with `"encoding": "file"` in the index its PNG/JPEG file,
+    decoded here, i.e. in the data workers); `get(indices)` stacks them."""
+
+    def __init__(self, directory: str | pathlib.Path, index: dict, split: str):
+        super().__init__(directory, index, split)
+        self.shape = tuple(index["shape"])
+        self.mode = index.get("mode", "L")
+        self.encoded = index.get("encoding", "pixels") == "file"
+
+    def __getitem__(self, index: int) -> dict:
+        raw = self._raw(index)
+        if self.encoded:
+            pixels = decode_image(raw[4:], self.mode)
+        else:
+            pixels = np.frombuffer(raw, np.uint8, offset=4)
+        if pixels.size != int(np.prod(self.shape)):
+            raise DataError(f"a record of {self.directory} holds {pixels.size} pixel values, "
+                            f"not an image of {self.shape}: prepare the data again")
+        return {"x": pixels.reshape(self.shape),
+                "label": np.frombuffer(raw, "<i4", count=1)[0].astype(np.int32)}
+
+    def get(self, indices) -> dict:
+        rows = [self[i] for i in indices]
+        return {k: np.stack([r[k] for r in rows]) for k in ("x", "label")}
+
+
 def array_record(data_cfg) -> tuple:
     """The image records `experiments.prepare_data` wrote to `data.path`, read as needed."""
-    from genai_jax.data import shards
-
     directory = _folder(data_cfg, "array_record")
     index = shards.read_index(directory)
     if index["kind"] != "image":
         raise DataError(f"{directory} holds {index['kind']} data, not images")
-    splits = [shards.ImageRecords(directory, index, s) for s in shards.SPLITS]
+    splits = [ImageRecords(directory, index, s) for s in shards.SPLITS]
     for split in splits:
         split.check()
     return splits[0], splits[1], tuple(index["label_names"])
 
 
 def tfds_catalog(data_cfg) -> tuple[TfdsSource, TfdsSource, tuple[str, ...]]:
+    import tensorflow_datasets as tfds
+
     name, data_dir = data_cfg.name, _data_dir(data_cfg)
     try:
         builder = tfds.builder(name, data_dir=data_dir)

@@ -20,33 +20,75 @@ from genai_jax.data.loader import ENDLESS, Batches
 from genai_jax.errors import DataError
 
 
-@dataclasses.dataclass(frozen=True)
-class Window:
-    """A Grain random map: a window of `tokens` (any int array or array-like read by slices) at
-    a random offset; packed: from the first document start at or after it."""
+class WindowExamples(grain.MapDataset):
+    """Example `i`: the window of `tokens` (any int array, or array-like read by slices) at
+    offset `uniform_ints(seed, i, ...)`; packed (`end_of_document` given): from the first
+    document start at or after it. `rows(indices)` reads a batch of windows at once: their
+    offsets drawn together, one gather from an in-memory array."""
 
-    tokens: np.ndarray
-    block_size: int
-    end_of_document: int | None = None  # the token that ends each document (packing)
+    def __init__(self, tokens, block_size: int, seed: int, end_of_document: int | None = None):
+        super().__init__()
+        if len(tokens) <= block_size + 1:
+            raise DataError(f"a split of {len(tokens)} tokens is too short for windows of "
+                            f"model.block_size={block_size}")
+        self._tokens, self._block, self._seed, self._end = (tokens, block_size, seed,
+                                                            end_of_document)
 
-    def __post_init__(self):
-        if len(self.tokens) <= self.block_size + 1:
-            raise DataError(f"a split of {len(self.tokens)} tokens is too short for windows of "
-                            f"model.block_size={self.block_size}")
+    def __len__(self) -> int:
+        return ENDLESS
 
-    def __call__(self, index, rng: np.random.Generator) -> dict:
-        del index
-        n, block = len(self.tokens), self.block_size
-        offset = int(rng.integers(0, n - block - 1))
-        if self.end_of_document is None:
-            return window(self.tokens, offset, block)
-        # The first document that starts in [offset, offset + block): a document starts after
-        # an end-of-document token (or at 0); with none there, the window starts mid-document.
-        ahead = np.asarray(self.tokens[max(offset - 1, 0):offset + block - 1])
-        ends = np.flatnonzero(ahead == self.end_of_document)
+    def __str__(self) -> str:
+        return f"WindowExamples(block_size={self._block}, packed={self._end is not None})"
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return {k: v[0] for k, v in self.rows([index]).items()}
+
+    def rows(self, indices) -> dict:
+        tokens, block = self._tokens, self._block
+        offsets = uniform_ints(self._seed, indices, len(tokens) - block - 1)
+        if self._end is not None:
+            windows = [packed_window(tokens, self._document_start(int(o)), block, self._end)
+                       for o in offsets]
+            return {k: np.stack([w[k] for w in windows]) for k in windows[0]}
+        if isinstance(tokens, np.ndarray):
+            seq = tokens[offsets[:, None] + np.arange(block + 1)]
+        else:
+            seq = np.stack([np.asarray(tokens[o:o + block + 1]) for o in offsets.tolist()])
+        seq = seq.astype(np.int32)
+        return {"inputs": seq[:, :-1], "targets": seq[:, 1:]}
+
+    def _document_start(self, offset: int) -> int:
+        """The first document start in [offset, offset + block): a document starts after an
+        end-of-document token (or at 0); with none there, the window starts mid-document."""
+        n, block = len(self._tokens), self._block
+        ahead = np.asarray(self._tokens[max(offset - 1, 0):offset + block - 1])
+        ends = np.flatnonzero(ahead == self._end)
         if offset and len(ends):
             offset = min(max(offset - 1, 0) + int(ends[0]) + 1, n - block - 1)
-        return packed_window(self.tokens, offset, block, self.end_of_document)
+        return offset
+
+
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function (Steele, Lea and Flood, 2014): a bijection of uint64."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def uniform_ints(seed: int, indices, high: int) -> np.ndarray:
+    """int64 `[len(indices)]`, each uniform in [0, high): output `index` of the SplitMix64
+    generator started from a hash of `seed`. A pure function of (seed, index), like Grain's
+    per-example generators, but drawn for a whole batch in one numpy call."""
+    with np.errstate(over="ignore"):
+        start = _mix64(np.uint64(seed % 2**64) ^ np.uint64(0x6A09E667F3BCC909))
+        x = _mix64(start + (np.asarray(indices, np.uint64) + np.uint64(1)) * _GAMMA)
+    draws = ((x >> np.uint64(11)).astype(np.float64) * (high / 2.0**53)).astype(np.int64)
+    return np.minimum(draws, high - 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,17 +186,10 @@ def packed_window(tokens, offset: int, block_size: int, end_of_document: int) ->
             "positions": positions.astype(np.int32)}
 
 
-def window_examples(tokens, block_size: int, seed: int, end_of_document: int | None = None):
-    """Random windows of `tokens` as an endless Grain data set (packed when `end_of_document`
-    is given): example `i` is drawn with Grain's generator for (seed, i)."""
-    return grain.MapDataset.range(ENDLESS).seed(seed).random_map(
-        Window(tokens, block_size, end_of_document))
-
-
 def windows(tokens, batch_size: int, block_size: int, seed: int,
             end_of_document: int | None = None) -> Batches:
     """Batches of random windows of `tokens` (packed when `end_of_document` is given)."""
-    return Batches(window_examples(tokens, block_size, seed, end_of_document), batch_size)
+    return Batches(WindowExamples(tokens, block_size, seed, end_of_document), batch_size)
 
 
 def tokenized_windows(records, tokenizer, batch_size: int, block_size: int, seed: int,
@@ -169,8 +204,10 @@ def mixture(streams: list, weights: list[float], batch_size: int, block_size: in
     """Batches whose examples come from several token streams in the proportions `weights`
     (Grain's `MapDataset.mix`: source and example are functions of the example index), each
     stream's windows drawn with a seed of its own."""
-    sources = [window_examples(s, block_size, seed + 7919 * i, end_of_document)
+    sources = [WindowExamples(s, block_size, seed + 7919 * i, end_of_document)
                for i, s in enumerate(streams)]
+    if len(sources) == 1:
+        return Batches(sources[0], batch_size)
     return Batches(grain.MapDataset.mix(sources, weights), batch_size)
 
 

@@ -4,9 +4,11 @@ processes (0: threads of the training process) holding `data.prefetch` stacks ea
 
 A data set is a Grain `MapDataset` of examples (dicts of numpy arrays) in which example `i` is
 row `i % B` of the global batch of step `i // B` (B = `train.batch_size`), a pure function of
-(seed, i): Grain's random transformations draw from a generator seeded by (seed, index) and its
-`shuffle` is a seeded permutation per epoch. The batches of a step therefore do not depend on
-what was read before it, on how many workers read them, or on how many hosts share them: a
+(seed, i): Grain's random transformations draw from a generator seeded by (seed, index), its
+`shuffle` is a seeded permutation per epoch, and the windows of a token stream are drawn by
+`lm_batches.uniform_ints(seed, i)`, a batch at a time. The batches of a step therefore do not
+depend on what was read before it, on how many workers read them, or on how many hosts share
+them: a
 resumed run (with any number of workers, on any number of hosts with the same global batch)
 sees exactly the batches of an uninterrupted one. The pipeline's whole position is the step,
 which every checkpoint holds (`data_step`).
@@ -24,6 +26,7 @@ import numpy as np
 from genai_jax.errors import DataError
 
 ENDLESS = sys.maxsize  # the length of a data set drawn at random, without epochs
+MIN_SHM_BYTES = 1 << 20
 
 
 class HostRows(grain.MapDataset):
@@ -50,8 +53,36 @@ class HostRows(grain.MapDataset):
     def __getitem__(self, index):
         if isinstance(index, slice):
             return self.slice(index)
+        return self._parent[self._example(index)]
+
+    def _example(self, index: int) -> int:
         step, row = divmod(index, self._local)
-        return self._parent[(self._first + step) * self._global + self._offset + row]
+        return (self._first + step) * self._global + self._offset + row
+
+    def rows(self, indices) -> dict:
+        """Elements `indices` stacked, read together by the parent's `rows`."""
+        return self._parent.rows([self._example(i) for i in indices])
+
+
+class ReadTogether(grain.MapDataset):
+    """Element `k`: elements `[k * size, (k + 1) * size)` of `parent`, stacked, read in one call
+    of `parent.rows(indices)`: what a data set defines when it reads a batch faster at once than
+    example by example (windows of a token stream draw all their offsets together)."""
+
+    def __init__(self, parent: grain.MapDataset, size: int):
+        super().__init__(parent)
+        self._size = size
+
+    def __len__(self) -> int:
+        return len(self._parent) // self._size
+
+    def __str__(self) -> str:
+        return f"ReadTogether(size={self._size})"
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent.rows(range(index * self._size, (index + 1) * self._size))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +97,8 @@ class Batches:
         """This process's rows of the batches of `num_steps` steps from `first_step`."""
         rows = HostRows(self.examples, self.batch_size, first_step, num_steps, process_index,
                         process_count)
+        if hasattr(self.examples, "rows"):
+            return ReadTogether(rows, self.batch_size // process_count)
         return rows.batch(self.batch_size // process_count)
 
     def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> dict:
@@ -87,6 +120,10 @@ class Batches:
             _flags_parsed()
             ds = stacks.to_iter_dataset(grain.ReadOptions(num_threads=1,
                                                           prefetch_buffer_size=1))
+            # Arrays under MIN_SHM_BYTES cross to this process pickled through the workers'
+            # queue: cheaper than a shared-memory block each (made, mapped, unlinked).
+            ds = grain.experimental.WithOptionsIterDataset(
+                ds, grain.experimental.DatasetOptions(min_shm_size=MIN_SHM_BYTES))
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(
                 num_workers=workers, per_worker_buffer_size=max(prefetch, 1)))
         else:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
+import io
 import json
 import multiprocessing
 import os
@@ -415,15 +416,20 @@ def prepare_images(inputs: list[pathlib.Path], out: pathlib.Path, *,
     if not 0.0 < validation_fraction < 1.0:
         raise DataError(f"validation_fraction={validation_fraction} must be in (0, 1)")
     out = pathlib.Path(out).expanduser()
+    # IDX images are stored as their pixels, image files as the files' bytes (decoded by the
+    # data workers of the runs that read them)
+    idx = any(IDX_IMAGES in p.name or IDX_LABELS in p.name for p in inputs)
     settings = {"tokenizer": "images", "validation_fraction": validation_fraction,
+                "encoding": "pixels" if idx else "file",
                 "inputs": [{"path": str(p.resolve()), "bytes": p.stat().st_size}
                            for p in inputs]}
     _claim(out, settings)
-    if any(IDX_IMAGES in p.name or IDX_LABELS in p.name for p in inputs):
-        kind, splits, shape, names = "idx", _idx_splits(inputs, validation_fraction), None, (
-            DIGIT_NAMES)
+    if idx:
+        kind, splits, shape, mode, names = ("idx", _idx_splits(inputs, validation_fraction),
+                                            None, "L", DIGIT_NAMES)
     else:
-        kind, (splits, shape, names) = "folder", _folder_splits(inputs, validation_fraction)
+        kind, (splits, shape, mode, names) = "folder", _folder_splits(inputs,
+                                                                      validation_fraction)
     units = []
     for split, items in splits.items():
         for start in range(0, len(items), IMAGES_PER_UNIT):
@@ -445,7 +451,8 @@ def prepare_images(inputs: list[pathlib.Path], out: pathlib.Path, *,
         if not info["records"]:
             raise DataError(f"the inputs give the {split} split no images: give more, or "
                             "change --validation_fraction")
-    index = {"format": shards.FORMAT, "kind": "image", "shape": shape,
+    index = {"format": shards.FORMAT, "kind": "image", "shape": shape, "mode": mode,
+             "encoding": settings["encoding"],
              "num_classes": len(names), "label_names": list(names),
              "validation_fraction": validation_fraction, "splits": index_splits,
              "inputs": settings["inputs"]}
@@ -481,32 +488,15 @@ def _idx_splits(inputs, fraction: float) -> dict:
 
 
 def _folder_splits(inputs, fraction: float):
-    """({split: [(file, label), ...]}, shape, class names) of image files, all of one size."""
-    from PIL import Image
-
-    from genai_jax.data.image_sources import _bucket
+    """({split: [(file, label), ...]}, shape, PIL mode, class names) of image files, all of one
+    size, classed by their folders under the inputs' common folder."""
+    from genai_jax.data.image_sources import scan_image_files
 
     root = pathlib.Path(os.path.commonpath([str(p.parent.resolve()) for p in inputs]))
-    relative = [p.resolve().relative_to(root) for p in inputs]
-    classes = sorted({r.parent.as_posix() for r in relative} - {"."})
-    if classes and any(r.parent.as_posix() == "." for r in relative):
-        raise DataError(f"the inputs mix images in class folders with images directly in "
-                        f"{root}: put every image in a class folder, or none")
-    sizes, modes = set(), set()
-    for p in inputs:
-        with Image.open(p) as image:  # reads the header only
-            sizes.add(image.size)
-            modes.add(image.mode)
-    if len(sizes) > 1:
-        raise DataError(f"the input images differ in size: {sorted(sizes)[:3]}")
-    mode = "L" if modes <= {"L", "1", "I;16"} else "RGB"
-    (width, height), = sizes
-    splits = {"train": [], "validation": []}
-    for p, r in zip(inputs, relative, strict=True):
-        label = classes.index(r.parent.as_posix()) if classes else 0
-        held_out = _bucket(r.as_posix()) < fraction
-        splits["validation" if held_out else "train"].append((str(p), label, mode))
-    return splits, [height, width, 1 if mode == "L" else 3], tuple(classes)
+    scan = scan_image_files(inputs, root, fraction, f"the inputs (under {root})")
+    splits = {split: list(zip(paths, labels.tolist(), strict=True))
+              for split, (paths, labels) in scan.splits.items()}
+    return splits, list(scan.shape), scan.mode, scan.classes
 
 
 def _prepare_image_unit(unit, out: pathlib.Path, shape) -> None:
@@ -516,22 +506,30 @@ def _prepare_image_unit(unit, out: pathlib.Path, shape) -> None:
         from genai_jax.data.image_sources import read_idx
 
         images, labels = read_idx(pathlib.Path(items[0][0])), read_idx(pathlib.Path(items[0][1]))
-        records = (_image_record(labels[row], images[row]) for _, _, row in items)
+        records = (_image_record(labels[row], images[row].tobytes()) for _, _, row in items)
         shape = [*images.shape[1:], 1]
-    else:  # items: (image file, label, PIL mode)
-        records = (_image_record(label, _pixels(path, mode)) for path, label, mode in items)
+    else:  # items: (image file, label): the file's bytes, decoded when a batch reads them
+        records = (_image_record(label, _checked_image_file(path)) for path, label in items)
     _write_records(out / name, records)
     _write_json(out / PROGRESS / f"{number:05d}.json",
                 {"file": name, "records": len(items), "shape": shape})
 
 
-def _image_record(label, pixels: np.ndarray) -> bytes:
-    """The label as 4 little-endian bytes, then the uint8 pixels (`shards.ImageRecords`)."""
-    return np.int32(label).astype("<i4").tobytes() + np.asarray(pixels, np.uint8).tobytes()
+def _image_record(label, payload: bytes) -> bytes:
+    """The label as 4 little-endian bytes, then the image: its uint8 pixels (IDX) or its
+    file's bytes (`image_sources.ImageRecords`)."""
+    return np.int32(label).astype("<i4").tobytes() + payload
 
 
-def _pixels(path: str, mode: str) -> np.ndarray:
+def _checked_image_file(path: str) -> bytes:
+    """The bytes of an image file whose structure PIL verifies (chunk checksums for PNG),
+    without decoding its pixels."""
     from PIL import Image
 
-    with Image.open(path) as image:
-        return np.asarray(image.convert(mode), np.uint8)
+    data = pathlib.Path(path).read_bytes()
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+    except Exception as e:  # noqa: BLE001 - PIL raises several kinds on bad files
+        raise DataError(f"{path} is not an image PIL can read ({e})") from None
+    return data
