@@ -47,6 +47,28 @@ def test_batches_are_a_function_of_seed_and_step(text_file):
     np.testing.assert_array_equal(np.concatenate(parts), batch["inputs"])
 
 
+def test_packed_windows_read_in_one_span_follow_the_rule_window_by_window():
+    """The batched packed windows (one read per window) equal the rule applied to each offset
+    alone: move to the first document start in [offset, offset + block), if any."""
+    from genai_jax.data.lm_batches import WindowExamples, packed_window, uniform_ints
+
+    def one(tokens, offset, block):
+        ends = np.flatnonzero(tokens[max(offset - 1, 0):offset + block - 1] == 0)
+        if offset and len(ends):
+            offset = min(max(offset - 1, 0) + int(ends[0]) + 1, len(tokens) - block - 1)
+        return packed_window(tokens, offset, block, 0)
+
+    rng = np.random.default_rng(0)
+    for trial in range(100):  # short streams too: a span longer than the stream
+        block = int(rng.integers(2, 20))
+        tokens = rng.integers(0, 5, int(rng.integers(block + 2, 200)))  # 0 ends a document
+        got = WindowExamples(tokens, block, seed=trial, end_of_document=0).rows(range(32))
+        offsets = uniform_ints(trial, range(32), len(tokens) - block - 1)
+        for row, offset in enumerate(offsets.tolist()):
+            for key, value in one(tokens, offset, block).items():
+                np.testing.assert_array_equal(got[key][row], value)
+
+
 def test_sequential_batches_cover_the_split_in_order():
     tokens = np.arange(1000)
     batches = sequential_batches(tokens, batch_size=3, block_size=10)

@@ -1,24 +1,16 @@
-"""Data sets (TFDS data sources) and the input pipeline (batches of numpy arrays).
+"""Data sets (TFDS data sources) and the input pipeline (batches of numpy arrays)."""
 
-The names below are imported when first used (PEP 562), so that the data workers, which
-import the modules of the data sets they read (`loader`, `lm_batches`, `shards`, ...), do not
-also import the pipeline builder, TFDS and the tokenizers: each worker holds less memory."""
-
-import importlib
-
-_LAZY = {"eval_batches": "lm_batches", "sequential_batches": "lm_batches", "Batches": "loader",
-         "Pipeline": "pipeline", "build": "pipeline", "TextData": "text", "load_text": "text",
-         "DataError": "genai_jax.errors", "HFTokenizer": "genai_jax.tokenization",
-         "Tokenizer": "genai_jax.tokenization", "load_tokenizer": "genai_jax.tokenization",
-         "make_tokenizer": "genai_jax.tokenization"}
-
-
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module = _LAZY[name]
-    where = module if "." in module else f"{__name__}.{module}"
-    return getattr(importlib.import_module(where), name)
+from genai_jax.data.lm_batches import eval_batches, sequential_batches
+from genai_jax.data.loader import Batches
+from genai_jax.data.pipeline import Pipeline, build
+from genai_jax.data.text import TextData, load_text
+from genai_jax.errors import DataError
+from genai_jax.tokenization import (
+    HFTokenizer,
+    Tokenizer,
+    load_tokenizer,
+    make_tokenizer,
+)
 
 
 def defaults(modality: str) -> dict:

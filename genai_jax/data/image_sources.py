@@ -30,6 +30,7 @@ import os
 import pathlib
 
 import numpy as np
+import tensorflow_datasets as tfds
 
 from genai_jax import paths
 from genai_jax.data import shards
@@ -75,9 +76,35 @@ class TfdsSource:
                 "label": np.int32(row[self._label_key] if self._label_key else 0)}
 
 
-def digits(data_cfg) -> tuple[ArraySource, ArraySource, tuple[str, ...]]:
-    from genai_jax.data.digits import Digits
+class Digits(tfds.core.GeneratorBasedBuilder):
+    """scikit-learn's bundled 8x8 handwritten digits as uint8 images; every 10th is test."""
 
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self, description=self.__doc__,
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Tensor(shape=(8, 8, 1), dtype=np.uint8),
+                "label": tfds.features.ClassLabel(num_classes=10)}),
+            supervised_keys=("image", "label"), disable_shuffling=True)
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # nothing to download: the images ship with scikit-learn
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+        index = np.arange(len(images))
+        return {"train": self._generate_examples(images, digits.target, index[index % 10 != 0]),
+                "test": self._generate_examples(images, digits.target, index[index % 10 == 0])}
+
+    def _generate_examples(self, images, labels, indices):
+        for i in indices:
+            yield int(i), {"image": images[i], "label": int(labels[i])}
+
+
+def digits(data_cfg) -> tuple[ArraySource, ArraySource, tuple[str, ...]]:
     builder = Digits(data_dir=paths.embedded_data_dir(data_cfg), file_format="array_record")
     if not builder.is_prepared():
         builder.download_and_prepare()
@@ -292,8 +319,6 @@ def array_record(data_cfg) -> tuple:
 
 
 def tfds_catalog(data_cfg) -> tuple[TfdsSource, TfdsSource, tuple[str, ...]]:
-    import tensorflow_datasets as tfds
-
     name, data_dir = data_cfg.name, _data_dir(data_cfg)
     try:
         builder = tfds.builder(name, data_dir=data_dir)

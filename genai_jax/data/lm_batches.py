@@ -47,27 +47,41 @@ class WindowExamples(grain.MapDataset):
 
     def rows(self, indices) -> dict:
         tokens, block = self._tokens, self._block
-        offsets = uniform_ints(self._seed, indices, len(tokens) - block - 1)
-        if self._end is not None:
-            windows = [packed_window(tokens, self._document_start(int(o)), block, self._end)
-                       for o in offsets]
-            return {k: np.stack([w[k] for w in windows]) for k in windows[0]}
-        if isinstance(tokens, np.ndarray):
-            seq = tokens[offsets[:, None] + np.arange(block + 1)]
-        else:
-            seq = np.stack([np.asarray(tokens[o:o + block + 1]) for o in offsets.tolist()])
-        seq = seq.astype(np.int32)
-        return {"inputs": seq[:, :-1], "targets": seq[:, 1:]}
+        n = len(tokens)
+        offsets = uniform_ints(self._seed, indices, n - block - 1)
+        if self._end is None:
+            seq = _slices(tokens, offsets, block + 1).astype(np.int32)
+            return {"inputs": seq[:, :-1], "targets": seq[:, 1:]}
+        # Packed: one read per window of [offset - 1, offset + 2 block + 1), which holds the
+        # block before the window's first document start and the window from there.
+        span = min(2 * block + 2, n)
+        first = np.clip(offsets - 1, 0, n - span)
+        spans = _slices(tokens, first, span)
+        windows = []
+        for o, f, seq in zip(offsets.tolist(), first.tolist(), spans, strict=True):
+            start = self._document_start(seq[max(o - 1, 0) - f:o + block - 1 - f], o)
+            windows.append(packed_window(seq, start - f, block, self._end))
+        return {k: np.stack([w[k] for w in windows]) for k in windows[0]}
 
-    def _document_start(self, offset: int) -> int:
-        """The first document start in [offset, offset + block): a document starts after an
-        end-of-document token (or at 0); with none there, the window starts mid-document."""
-        n, block = len(self._tokens), self._block
-        ahead = np.asarray(self._tokens[max(offset - 1, 0):offset + block - 1])
+    def _document_start(self, ahead: np.ndarray, offset: int) -> int:
+        """The first document start in [offset, offset + block) (`ahead`: tokens
+        `[offset - 1, offset + block - 1)`): a document starts after an end-of-document token
+        (or at 0); with none there, the window starts mid-document."""
         ends = np.flatnonzero(ahead == self._end)
         if offset and len(ends):
-            offset = min(max(offset - 1, 0) + int(ends[0]) + 1, n - block - 1)
+            offset = min(max(offset - 1, 0) + int(ends[0]) + 1,
+                         len(self._tokens) - self._block - 1)
         return offset
+
+
+def _slices(tokens, starts: np.ndarray, length: int) -> np.ndarray:
+    """`[len(starts), length]`: the slices `[start, start + length)` of `tokens` (an array: one
+    gather; a stream read from shards: its `windows`)."""
+    if isinstance(tokens, np.ndarray):
+        return tokens[starts[:, None] + np.arange(length)]
+    if hasattr(tokens, "windows"):
+        return tokens.windows(starts, length)
+    return np.stack([np.asarray(tokens[s:s + length]) for s in starts.tolist()])
 
 
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)

@@ -117,6 +117,23 @@ class TokenStream:
             return np.zeros(0, self.dtype)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
+    def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """`[len(starts), length]`: the slices `[start, start + length)` of the stream, found
+        together; a slice inside one record (nearly all, for short windows) is one read."""
+        starts = np.asarray(starts, np.int64)
+        shard = np.searchsorted(self._token_start, starts, side="right") - 1
+        chunk, at = np.divmod(starts - self._token_start[shard], self.chunk)
+        inside = (at + length <= self.chunk) & (starts + length <= self._token_start[shard + 1])
+        out = np.empty((len(starts), length), self.dtype)
+        records = self._records()
+        for i, (s, c, a, one) in enumerate(zip(shard.tolist(), chunk.tolist(), at.tolist(),
+                                               inside.tolist(), strict=True)):
+            if one:
+                out[i] = self._read(records, s, c, self.paths[s])[a:a + length]
+            else:
+                out[i] = self[int(starts[i]):int(starts[i]) + length]
+        return out
+
     def check(self) -> None:
         """Open every shard and read its first and last records: a missing, cut or foreign file
         is one DataError now, not a failure in a worker mid-run."""
