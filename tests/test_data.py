@@ -109,29 +109,6 @@ def test_tfds_catalog_dataset_with_mock_data(name, eval_split, tmp_path):
     assert "\0" in data.tokenizer.chars
 
 
-def test_tfds_text_with_an_untrained_tokenizer_streams_document_by_document(tmp_path):
-    """lm1b with the byte tokenizer is read by index from its TFDS data source and tokenised
-    on the fly (by the data workers too), never joined into one stream in memory."""
-    from genai_jax.data import build
-
-    config = tiny_lm_config(**{"data.name": "lm1b", "data.tokenizer": "byte",
-                               "data.eval_split": "test", "data.data_dir": str(tmp_path)})
-    with tfds.testing.mock_data(num_examples=30):
-        pipeline = build(config, "text")
-        source = tfds.data_source("lm1b", split="train", data_dir=str(tmp_path))
-        documents = [source[i]["text"] for i in range(len(source))]
-    assert "train_tokens" not in pipeline.info and 0.9 < pipeline.info["bytes_per_token"] < 1.1
-    batch = pipeline.train.batch(2)
-    assert batch["inputs"].shape == (4, 16)
-    np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
-    # every window is text of the documents (joined by the NUL end-of-document byte)
-    joined = b"\0".join(d if isinstance(d, bytes) else d.encode() for d in documents)
-    for row in batch["inputs"]:
-        assert bytes(row.astype(np.uint8)) in joined + b"\0" + joined
-    read = [x["inputs"][0] for x in pipeline.train.iterator(2, 4, workers=1, prefetch=1)]
-    np.testing.assert_array_equal(read[0], batch["inputs"])
-
-
 def test_unknown_dataset_and_missing_split(tmp_path):
     cfg = tiny_lm_config(**{"data.name": "no_such_dataset_xyz",
                             "data.data_dir": str(tmp_path)}).data

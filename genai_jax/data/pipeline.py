@@ -12,7 +12,7 @@ from genai_jax.data import federated, instructions, lm_batches, private, shards
 from genai_jax.data.images import Augment, image_batches, load_images
 from genai_jax.data.images import eval_batches as image_eval_batches
 from genai_jax.data.loader import Batches
-from genai_jax.data.text import load_text, tfds_text_records
+from genai_jax.data.text import load_text
 from genai_jax.tokenization.tokenizers import (
     DataError,
     end_of_document,
@@ -79,12 +79,6 @@ def build(config, modality: str, workdir: pathlib.Path | None = None,
     if config.data.mixture:
         raise DataError("data.mixture mixes prepared directories: set "
                         "data.name='array_record' (experiments.prepare_data writes them)")
-    if streams_from_tfds(config.data):
-        records = {"train": tfds_text_records(config.data, config.data.train_split),
-                   "validation": tfds_text_records(config.data, config.data.eval_split)}
-        return _text_units(config, _on_the_fly(config, saved, eval_batch, records,
-                                                f"data set {config.data.name!r}"),
-                           batch_multiple)
     text = load_text(config.data, saved)
     end = end_of_document(text.tokenizer) if config.data.packing else None
     if config.data.packing and end is None:
@@ -216,32 +210,19 @@ def _array_record_pipeline(config, saved, eval_batch: int) -> Pipeline:
 
 def _raw_text_pipeline(config, saved, eval_batch: int, directory: pathlib.Path,
                        index: dict) -> Pipeline:
-    """Windows tokenised on the fly from the raw text records of a `prepare_data
-    --tokenizer=none` directory."""
-    records = {split: shards.TextRecords(directory, index, split) for split in shards.SPLITS}
-    for split_records in records.values():
-        split_records.check()
-    return _on_the_fly(config, saved, eval_batch, records, f"data.path {directory}")
-
-
-def streams_from_tfds(data_cfg) -> bool:
-    """Whether a TFDS catalog text set is read document by document and tokenised on the fly
-    (its tokenizer needs no training data), instead of read whole into one token stream."""
-    return (data_cfg.name not in ("stdlib_code", "text_file", "instructions", "array_record")
-            and parse_spec(data_cfg.tokenizer)[0] in ("byte", "gpt2", "hf"))
-
-
-def _on_the_fly(config, saved, eval_batch: int, records: dict, where: str) -> Pipeline:
     """Windows tokenised on the fly (`lm_batches.TokenizedWindow`, in the data workers) from
-    the text records of each split (`records[split][i]` -> (UTF-8 bytes, ends a document))."""
+    the raw text records of a `prepare_data --tokenizer=none` directory."""
     if parse_spec(config.data.tokenizer)[0] in ("char", "bpe"):
         raise DataError(f"data.tokenizer={config.data.tokenizer!r} is built from the data, so "
-                        f"it cannot tokenise {where} on the fly: prepare the data with "
+                        f"it cannot tokenise {directory} on the fly: prepare the data with "
                         f"--tokenizer={config.data.tokenizer}, or use byte, gpt2 or hf:DIR")
-    tokenizer = saved or make_tokenizer(config.data.tokenizer, b"", where)
+    tokenizer = saved or make_tokenizer(config.data.tokenizer, b"", f"data.path {directory}")
     end = end_of_document(tokenizer)
     if end is None:
         raise DataError(f"the {config.data.tokenizer!r} tokenizer has no end-of-document token")
+    records = {split: shards.TextRecords(directory, index, split) for split in shards.SPLITS}
+    for split_records in records.values():
+        split_records.check()
     block, batch = config.model.block_size, config.train.batch_size
 
     windows = lambda split, size, seed: lm_batches.tokenized_windows(

@@ -6,10 +6,7 @@ Sources (`config.data.name`):
   - "text_file": the local UTF-8 (or any bytes, for byte tokenization) file at `data.path`,
     split by position: the first `1 - validation_fraction` of its tokens train, the rest validate;
   - any other name: a TFDS catalog data set (e.g. "tiny_shakespeare", "lm1b") read with
-    `tfds.data_source`, its `data.text_key` feature being the text. With a tokenizer built
-    from the data (char, bpe) it is read whole here; with one that needs no training data
-    (byte, gpt2, hf:DIR) the input pipeline reads it document by document and tokenises it
-    on the fly in the data workers (`TfdsTextRecords`), never holding a split.
+    `tfds.data_source`, its `data.text_key` feature being the text.
 Documents of a split are joined into one stream with an end-of-document token: a NUL byte for
 the byte/char tokenizers, the tokenizer's EOS (else BOS) token for the others.
 """
@@ -114,33 +111,6 @@ def _read_text_file(path: str) -> bytes:
 
 def _tfds_documents(data_cfg, split: str) -> list[bytes]:
     """The documents of one split of a TFDS data set, as UTF-8 (or any) bytes."""
-    source = _tfds_source(data_cfg, split)
-    return [_as_bytes(source[i][data_cfg.text_key]) for i in range(len(source))]
-
-
-class TfdsTextRecords:
-    """The documents of one split of a TFDS text data set read by index, never all at once:
-    `records[i]` -> (UTF-8 bytes, True), each a whole document (the records that
-    `lm_batches.TokenizedWindow` tokenises on the fly); picklable, so Grain's data workers read
-    the data source themselves."""
-
-    def __init__(self, source, text_key: str):
-        self._source, self._text_key = source, text_key
-
-    def __len__(self) -> int:
-        return len(self._source)
-
-    def __getitem__(self, index: int) -> tuple[bytes, bool]:
-        return _as_bytes(self._source[int(index)][self._text_key]), True
-
-
-def tfds_text_records(data_cfg, split: str) -> TfdsTextRecords:
-    """One split of the TFDS catalog text set `data.name` as records (`TfdsTextRecords`)."""
-    return TfdsTextRecords(_tfds_source(data_cfg, split), data_cfg.text_key)
-
-
-def _tfds_source(data_cfg, split: str):
-    """The TFDS data source of one split (checked: known, not empty, with `data.text_key`)."""
     import tensorflow_datasets as tfds
 
     data_dir = os.path.expanduser(data_cfg.data_dir) if data_cfg.data_dir else None
@@ -176,7 +146,7 @@ def _tfds_source(data_cfg, split: str):
     if data_cfg.text_key not in first:
         raise DataError(f"data set {data_cfg.name!r} has no feature {data_cfg.text_key!r}; it has "
                         f"{sorted(first)} (set data.text_key)")
-    return source
+    return [_as_bytes(source[i][data_cfg.text_key]) for i in range(len(source))]
 
 
 def _as_bytes(x) -> bytes:
