@@ -61,9 +61,9 @@ def test_packed_windows_read_in_one_span_follow_the_rule_window_by_window():
     rng = np.random.default_rng(0)
     for trial in range(100):  # short streams too: a span longer than the stream
         block = int(rng.integers(2, 20))
-        tokens = rng.integers(0, 5, int(rng.integers(block + 2, 200)))  # 0 ends a document
+        tokens = rng.integers(0, 5, int(rng.integers(block + 1, 200)))  # 0 ends a document
         got = WindowExamples(tokens, block, seed=trial, end_of_document=0).rows(range(32))
-        offsets = uniform_ints(trial, range(32), len(tokens) - block - 1)
+        offsets = uniform_ints(trial, range(32), len(tokens) - block)
         for row, offset in enumerate(offsets.tolist()):
             for key, value in one(tokens, offset, block).items():
                 np.testing.assert_array_equal(got[key][row], value)

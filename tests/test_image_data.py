@@ -110,8 +110,12 @@ def test_image_files_are_decoded_when_read_and_by_the_data_workers(tmp_path, mon
     pictures = rng.integers(0, 256, (24, 4, 6, 3), np.uint8)
     for i, picture in enumerate(pictures):
         Image.fromarray(picture).save(tmp_path / f"{i:02d}.png")
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.png"  # a linked image is read too
+    (tmp_path / f"{len(pictures) - 1:02d}.png").rename(outside)
+    (tmp_path / f"{len(pictures) - 1:02d}.png").symlink_to(outside)
     data = load_images(image_data_config("image_folder", path=str(tmp_path),
                                          validation_fraction=0.2))
+    assert len(data.train) + len(data.validation) == len(pictures)
     assert isinstance(data.train, image_sources.ImageFiles)
     names = [int(pathlib.Path(p).stem) for p in data.train.paths]
     np.testing.assert_array_equal(data.train.get(np.arange(3))["x"], pictures[names[:3]])

@@ -325,6 +325,7 @@ def test_windows_of_a_batch_read_together_equal_windows_read_one_by_one(prepared
     assert draws.min() == 0 and draws.max() == 49
     assert ((counts - 4000) ** 2 / 4000).sum() < 100  # chi-square, 49 dof: p < 1e-5 above
     assert not np.array_equal(uniform_ints(8, np.arange(100), 50), draws[:100])
+    np.testing.assert_array_equal(uniform_ints(np.int64(7), np.arange(100), 50), draws[:100])
     out, index = prepared
     stream = shards.TokenStream(out, index, "train")
     in_memory = stream[0:len(stream)]
@@ -336,5 +337,8 @@ def test_windows_of_a_batch_read_together_equal_windows_read_one_by_one(prepared
             assert set(together) == set(alone[0])
             for key, value in together.items():
                 np.testing.assert_array_equal(value, np.stack([a[key] for a in alone]))
-    windows_of = lambda tokens: windows(tokens, 16, 24, seed=5).batch(3)["inputs"]
-    np.testing.assert_array_equal(windows_of(stream), windows_of(in_memory))
+    for end in (None, index["end_of_document"]):  # shards and memory: the same windows
+        from_shards, from_memory = (windows(tokens, 16, 24, seed=5, end_of_document=end).batch(3)
+                                    for tokens in (stream, in_memory))
+        for key, value in from_shards.items():
+            np.testing.assert_array_equal(value, from_memory[key])

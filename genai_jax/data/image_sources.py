@@ -24,6 +24,7 @@ A loader returns `(train, validation, label_names)`: the classes' names by index
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import hashlib
 import os
@@ -67,8 +68,7 @@ class TfdsSource:
         return len(self._source)
 
     def get(self, indices: np.ndarray) -> dict:
-        rows = [self[int(i)] for i in indices]
-        return {k: np.stack([r[k] for r in rows]) for k in ("x", "label")}
+        return stacked(self, indices)
 
     def __getitem__(self, index: int) -> dict:
         row = self._source[index]
@@ -180,15 +180,21 @@ class ImageFiles:
         return len(self.paths)
 
     def get(self, indices: np.ndarray) -> dict:
-        return {"x": np.stack([decode_image(self.paths[int(i)], self.mode) for i in indices]),
-                "label": self.label[indices]}
+        return stacked(self, indices)
 
     def __getitem__(self, index: int) -> dict:
         return {"x": decode_image(self.paths[index], self.mode), "label": self.label[index]}
 
 
-def decode_image(file, mode: str) -> np.ndarray:
-    """uint8 `[H, W, C]` pixels of a PNG/JPEG (a path, or its bytes) in PIL `mode`."""
+def stacked(source, indices) -> dict:
+    """`{"x", "label"}` of examples `indices` of a source read one by one, stacked."""
+    rows = [source[int(i)] for i in indices]
+    return {k: np.stack([r[k] for r in rows]) for k in ("x", "label")}
+
+
+def decode_image(file, mode: str, where: str = "") -> np.ndarray:
+    """uint8 `[H, W, C]` pixels of a PNG/JPEG (a path, or its bytes: `where` names them in an
+    error) in PIL `mode`."""
     import io
 
     from PIL import Image
@@ -197,8 +203,7 @@ def decode_image(file, mode: str) -> np.ndarray:
         with Image.open(io.BytesIO(file) if isinstance(file, bytes) else file) as image:
             pixels = np.asarray(image.convert(mode), np.uint8)
     except OSError as e:  # PIL's error for a cut or foreign file
-        where = "an image record" if isinstance(file, bytes) else str(file)
-        raise DataError(f"{where} cannot be decoded ({e})") from None
+        raise DataError(f"{where or file} cannot be decoded ({e})") from None
     return pixels.reshape(*pixels.shape[:2], -1)
 
 
@@ -220,7 +225,9 @@ def scan_image_files(files: list[pathlib.Path], root: pathlib.Path, validation_f
     last `validation_fraction` of the buckets. `where` names the files in messages."""
     from PIL import Image
 
-    relative = [f.resolve().relative_to(root.resolve()).as_posix() for f in files]
+    # Paths as given, not resolved: a symlinked image belongs where its link is.
+    relative = [pathlib.PurePath(os.path.relpath(os.path.abspath(f), os.path.abspath(root)))
+                .as_posix() for f in files]
     folders = [r.rpartition("/")[0] for r in relative]
     classes = sorted(set(folders) - {""})
     if classes and "" in folders:
@@ -292,7 +299,8 @@ class ImageRecords(shards.Records):
     def __getitem__(self, index: int) -> dict:
         raw = self._raw(index)
         if self.encoded:
-            pixels = decode_image(raw[4:], self.mode)
+            pixels = decode_image(raw[4:], self.mode,
+                                  f"image record {index} of {self.directory}")
         else:
             pixels = np.frombuffer(raw, np.uint8, offset=4)
         if pixels.size != int(np.prod(self.shape)):
@@ -302,8 +310,13 @@ class ImageRecords(shards.Records):
                 "label": np.frombuffer(raw, "<i4", count=1)[0].astype(np.int32)}
 
     def get(self, indices) -> dict:
-        rows = [self[i] for i in indices]
-        return {k: np.stack([r[k] for r in rows]) for k in ("x", "label")}
+        return stacked(self, indices)
+
+    @functools.cached_property
+    def label(self) -> np.ndarray:
+        """Every record's label, read without decoding an image (federated `label_skew`)."""
+        return np.array([np.frombuffer(self._raw(i), "<i4", count=1)[0]
+                         for i in range(len(self))], np.int32)
 
 
 def array_record(data_cfg) -> tuple:

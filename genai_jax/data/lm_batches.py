@@ -28,7 +28,7 @@ class WindowExamples(grain.MapDataset):
 
     def __init__(self, tokens, block_size: int, seed: int, end_of_document: int | None = None):
         super().__init__()
-        if len(tokens) <= block_size + 1:
+        if len(tokens) < block_size + 1:
             raise DataError(f"a split of {len(tokens)} tokens is too short for windows of "
                             f"model.block_size={block_size}")
         self._tokens, self._block, self._seed, self._end = (tokens, block_size, seed,
@@ -48,7 +48,7 @@ class WindowExamples(grain.MapDataset):
     def rows(self, indices) -> dict:
         tokens, block = self._tokens, self._block
         n = len(tokens)
-        offsets = uniform_ints(self._seed, indices, n - block - 1)
+        offsets = uniform_ints(self._seed, indices, n - block)  # every window of block + 1
         if self._end is None:
             seq = _slices(tokens, offsets, block + 1).astype(np.int32)
             return {"inputs": seq[:, :-1], "targets": seq[:, 1:]}
@@ -79,9 +79,7 @@ def _slices(tokens, starts: np.ndarray, length: int) -> np.ndarray:
     gather; a stream read from shards: its `windows`)."""
     if isinstance(tokens, np.ndarray):
         return tokens[starts[:, None] + np.arange(length)]
-    if hasattr(tokens, "windows"):
-        return tokens.windows(starts, length)
-    return np.stack([np.asarray(tokens[s:s + length]) for s in starts.tolist()])
+    return tokens.windows(starts, length)
 
 
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
@@ -99,7 +97,7 @@ def uniform_ints(seed: int, indices, high: int) -> np.ndarray:
     generator started from a hash of `seed`. A pure function of (seed, index), like Grain's
     per-example generators, but drawn for a whole batch in one numpy call."""
     with np.errstate(over="ignore"):
-        start = _mix64(np.uint64(seed % 2**64) ^ np.uint64(0x6A09E667F3BCC909))
+        start = _mix64(np.uint64(int(seed) % 2**64) ^ np.uint64(0x6A09E667F3BCC909))
         x = _mix64(start + (np.asarray(indices, np.uint64) + np.uint64(1)) * _GAMMA)
     draws = ((x >> np.uint64(11)).astype(np.float64) * (high / 2.0**53)).astype(np.int64)
     return np.minimum(draws, high - 1)

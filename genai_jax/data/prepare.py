@@ -492,7 +492,7 @@ def _folder_splits(inputs, fraction: float):
     size, classed by their folders under the inputs' common folder."""
     from genai_jax.data.image_sources import scan_image_files
 
-    root = pathlib.Path(os.path.commonpath([str(p.parent.resolve()) for p in inputs]))
+    root = pathlib.Path(os.path.commonpath([os.path.abspath(p.parent) for p in inputs]))
     scan = scan_image_files(inputs, root, fraction, f"the inputs (under {root})")
     splits = {split: list(zip(paths, labels.tolist(), strict=True))
               for split, (paths, labels) in scan.splits.items()}

@@ -1,6 +1,7 @@
 """Our ArrayRecord shards of tokenised text (`experiments.prepare_data` writes them; the data
-config `data.name="array_record"`, `data.path=DIR` reads them), read by Grain's
-`ArrayRecordDataSource` without ever holding a split in memory.
+config `data.name="array_record"`, `data.path=DIR` reads them), read record by record
+(`ShardReader`, the array_record library's reader) in the Grain pipeline without ever holding a
+split in memory.
 
 A prepared directory holds, per split ("train", "validation"), shards `SPLIT-NNNNN.array_record`
 whose records are consecutive chunks of `chunk_tokens` tokens (little-endian `token_dtype`:
@@ -91,13 +92,13 @@ class TokenStream:
         return self._source
 
     def _chunk(self, shard: int, chunk: int) -> np.ndarray:
-        return self._read(self._records(), shard, chunk, self.paths[shard])
+        return self._read(self._records(), shard, chunk)
 
-    def _read(self, records: ShardReader, shard: int, record: int, path: str) -> np.ndarray:
+    def _read(self, records: ShardReader, shard: int, record: int) -> np.ndarray:
         raw = records.read(shard, record)
         if len(raw) % self.dtype.itemsize:
-            raise DataError(f"shard {path} holds a record of {len(raw)} bytes, not whole "
-                            f"{self.dtype} tokens: prepare the data again")
+            raise DataError(f"shard {records.paths[shard]} holds a record of {len(raw)} bytes, "
+                            f"not whole {self.dtype} tokens: prepare the data again")
         return np.frombuffer(raw, self.dtype)
 
     def __getitem__(self, index: slice) -> np.ndarray:
@@ -129,7 +130,11 @@ class TokenStream:
         for i, (s, c, a, one) in enumerate(zip(shard.tolist(), chunk.tolist(), at.tolist(),
                                                inside.tolist(), strict=True)):
             if one:
-                out[i] = self._read(records, s, c, self.paths[s])[a:a + length]
+                piece = self._read(records, s, c)[a:a + length]
+                if len(piece) < length:
+                    raise DataError(f"shard {self.paths[s]} holds a record shorter than the "
+                                    "index says: prepare the data again")
+                out[i] = piece
             else:
                 out[i] = self[int(starts[i]):int(starts[i]) + length]
         return out
@@ -144,7 +149,7 @@ class TokenStream:
                 raise DataError(f"shard {path} holds {len(records)} records, and the index "
                                 f"says {expected}: prepare the data again")
             for record in {0, expected - 1} if expected else ():
-                self._read(records, 0, record, path)
+                self._read(records, 0, record)
 
 
 class ShardReader:
