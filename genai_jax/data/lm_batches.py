@@ -21,10 +21,10 @@ from genai_jax.errors import DataError
 
 
 class WindowExamples(grain.MapDataset):
-    """Example `i`: the window of `tokens` (any int array, or array-like read by slices) at
-    offset `uniform_ints(seed, i, ...)`; packed (`end_of_document` given): from the first
-    document start at or after it. `rows(indices)` reads a batch of windows at once: their
-    offsets drawn together, one gather from an in-memory array."""
+    """Example `i`: the window of `tokens` (an int array, or a `shards.TokenStream`) at offset
+    `uniform_ints(seed, i, ...)`; packed (`end_of_document` given): from the first document
+    start at or after it. `rows(indices)` reads a batch of windows at once: their offsets drawn
+    together, one gather from an array, one record read per window from shards."""
 
     def __init__(self, tokens, block_size: int, seed: int, end_of_document: int | None = None):
         super().__init__()

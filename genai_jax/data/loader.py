@@ -8,9 +8,8 @@ row `i % B` of the global batch of step `i // B` (B = `train.batch_size`), a pur
 `shuffle` is a seeded permutation per epoch, and the windows of a token stream are drawn by
 `lm_batches.uniform_ints(seed, i)`, a batch at a time. The batches of a step therefore do not
 depend on what was read before it, on how many workers read them, or on how many hosts share
-them: a
-resumed run (with any number of workers, on any number of hosts with the same global batch)
-sees exactly the batches of an uninterrupted one. The pipeline's whole position is the step,
+them: a resumed run (with any number of workers, on any number of hosts with the same global
+batch) sees exactly the batches of an uninterrupted one. The pipeline's whole position is the step,
 which every checkpoint holds (`data_step`).
 """
 
