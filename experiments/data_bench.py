@@ -94,7 +94,7 @@ def main(argv):
     result = {"config": config_flags.get_config_filename(flags.FLAGS["config"]),
               "data": config.data.name, "path": config.data.path,
               "workers": config.data.workers, "prefetch": config.data.prefetch,
-              "batch_size": config.train.batch_size, "block_size": config.model.block_size,
+              "batch_size": config.train.batch_size, "block_size": config.model.get("block_size"),
               "packing": bool(config.data.get("packing", False)), "cpu": cpu_model(),
               "cores": psutil.cpu_count()}
     with PeakMemory() as memory:
