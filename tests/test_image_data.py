@@ -4,6 +4,7 @@ batches by (seed, step), and the classifier-based sample metrics."""
 from __future__ import annotations
 
 import gzip
+import json
 import pathlib
 
 import numpy as np
@@ -99,7 +100,7 @@ def test_image_folder_labels_by_subfolder(tmp_path):
     assert set(labels) == {0, 1}
 
 
-def test_image_files_are_decoded_when_read_and_by_the_data_workers(tmp_path, monkeypatch):
+def test_image_files_are_decoded_when_read_and_by_the_data_workers(tmp_path, monkeypatch, env):
     """An image folder is scanned by headers; its pixels are decoded when a batch reads them:
     by the worker processes when there are some (this process's decoder is broken here)."""
     from PIL import Image
@@ -131,6 +132,14 @@ def test_image_files_are_decoded_when_read_and_by_the_data_workers(tmp_path, mon
     with pytest.raises(AssertionError, match="training process"):
         batches.batch(0)
     monkeypatch.undo()
+    from tests.test_cli import cli
+
+    proc = cli("data_bench", "--config=experiments/configs/vae_digits.py",  # images/s
+               "--config.data.name=image_folder", f"--config.data.path={tmp_path}",
+               "--config.data.validation_fraction=0.2", "--config.eval.batch_size=2",
+               "--config.train.batch_size=4", "--steps=3", env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["examples_per_s"] > 0
     (tmp_path / f"{names[0]:02d}.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match=f"{names[0]:02d}.png cannot be decoded"):
         data.train[0]
