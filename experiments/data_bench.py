@@ -124,10 +124,10 @@ def main(argv):
             unit = "tokens" if "inputs" in first else "examples"
             del first  # batches are released as they are read, as in training
             read = 1
-            for _ in stream:
+            for _batch in stream:
                 read += 1
             t2 = time.perf_counter()
-            del _
+            _batch = None  # the last batch released before the pipeline closes
             data_lib.loader.close(stream)
             size = config.model.block_size if unit == "tokens" else 1
             result["first_batch_s"] = t1 - t0

@@ -137,7 +137,7 @@ def test_image_files_are_decoded_when_read_and_by_the_data_workers(tmp_path, mon
     proc = cli("data_bench", "--config=experiments/configs/vae_digits.py",  # images/s
                "--config.data.name=image_folder", f"--config.data.path={tmp_path}",
                "--config.data.validation_fraction=0.2", "--config.eval.batch_size=2",
-               "--config.train.batch_size=4", "--steps=3", env=env)
+               "--config.train.batch_size=4", "--steps=30", env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["examples_per_s"] > 0
     (tmp_path / f"{names[0]:02d}.png").write_bytes(b"not a png")
