@@ -250,9 +250,9 @@ def scan_image_files(files: list[pathlib.Path], root: pathlib.Path, validation_f
     if held_out.all() or not held_out.any():
         raise DataError(f"{where} has too few images ({len(files)}) to hold out "
                         f"validation_fraction={validation_fraction}")
-    paths = np.array([str(f) for f in files], object)
-    splits = {"train": (list(paths[~held_out]), label[~held_out]),
-              "validation": (list(paths[held_out]), label[held_out])}
+    splits = {split: ([str(f) for f, h in zip(files, held_out, strict=True) if h == held],
+                      label[held_out == held])
+              for split, held in (("train", False), ("validation", True))}
     width, height = sizes[0]
     return ImageFolderScan(splits, (height, width, 1 if mode == "L" else 3), mode,
                            tuple(classes))
@@ -306,8 +306,7 @@ class ImageRecords(shards.Records):
         if pixels.size != int(np.prod(self.shape)):
             raise DataError(f"a record of {self.directory} holds {pixels.size} pixel values, "
                             f"not an image of {self.shape}: prepare the data again")
-        return {"x": pixels.reshape(self.shape),
-                "label": np.frombuffer(raw, "<i4", count=1)[0].astype(np.int32)}
+        return {"x": pixels.reshape(self.shape), "label": _record_label(raw)}
 
     def get(self, indices) -> dict:
         return stacked(self, indices)
@@ -315,8 +314,11 @@ class ImageRecords(shards.Records):
     @functools.cached_property
     def label(self) -> np.ndarray:
         """Every record's label, read without decoding an image (federated `label_skew`)."""
-        return np.array([np.frombuffer(self._raw(i), "<i4", count=1)[0]
-                         for i in range(len(self))], np.int32)
+        return np.array([_record_label(self._raw(i)) for i in range(len(self))], np.int32)
+
+
+def _record_label(raw: bytes) -> np.int32:
+    return np.frombuffer(raw, "<i4", count=1)[0].astype(np.int32)
 
 
 def array_record(data_cfg) -> tuple:
