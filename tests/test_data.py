@@ -27,12 +27,33 @@ def test_char_tokenizer_rejects_non_utf8():
         Tokenizer.from_text("char", b"ok \xff\xfe bad")
 
 
-def test_text_file_split_is_90_10(text_file):
-    data = load_text(tiny_lm_config(**{"data.path": str(text_file)}).data)
-    n = len(data.train) + len(data.validation)
-    assert len(data.train) == int(0.9 * n)
-    whole = data.tokenizer.encode(text_file.read_bytes())
-    np.testing.assert_array_equal(np.concatenate([data.train, data.validation]), whole)
+def test_text_file_split_is_90_10_at_a_line_and_cached(text_file):
+    """The first 90% of the file's bytes (to the next line start) train, the rest (ended by
+    the end-of-document token) validates; tokenised once into the cache, read from there."""
+    cfg = tiny_lm_config(**{"data.path": str(text_file)}).data
+    data = load_text(cfg)
+    raw = text_file.read_bytes()
+    cut = raw.find(b"\n", int(0.9 * len(raw)) - 1) + 1
+    assert 0 < cut < len(raw)
+    np.testing.assert_array_equal(data.train[:], data.tokenizer.encode(raw[:cut]))
+    np.testing.assert_array_equal(data.validation[:], np.append(
+        data.tokenizer.encode(raw[cut:]), data.tokenizer.encode(b"\0")))
+    assert data.bytes_per_token == 1.0  # char tokens of ASCII text, the end byte counted
+    again = load_text(cfg)
+    assert again.directory == data.directory
+    np.testing.assert_array_equal(again.train[:], data.train[:])
+    # another file (same size, other content): another preparation
+    text_file.with_name("other.txt").write_bytes(raw[::-1])
+    other = load_text(tiny_lm_config(**{"data.path": str(text_file.with_name("other.txt"))})
+                      .data)
+    assert other.directory != data.directory
+
+
+def test_a_file_of_one_line_splits_at_a_character(tmp_path):
+    path = tmp_path / "one_line.txt"
+    path.write_text("é" * 1000)  # two bytes a character: 90% of the bytes falls inside one
+    data = load_text(tiny_lm_config(**{"data.path": str(path)}).data)
+    assert data.tokenizer.decode(data.train[:]) == "é" * 900
 
 
 def test_batches_are_a_function_of_seed_and_step(text_file):
@@ -87,13 +108,13 @@ def test_stdlib_corpus_is_built_once_and_split_by_file(tmp_path):
     expected = {s: sum(f.stat().st_size for rel, f in files if split_of(rel) == s)
                 for s in ("train", "validation")}
     n_docs = {s: sum(split_of(rel) == s for rel, _ in files) for s in expected}
-    # documents are joined with one separator byte each
-    assert len(data.train) == expected["train"] + n_docs["train"] - 1
-    assert len(data.validation) == expected["validation"] + n_docs["validation"] - 1
+    # every document ends with one end-of-document byte
+    assert len(data.train) == expected["train"] + n_docs["train"]
+    assert len(data.validation) == expected["validation"] + n_docs["validation"]
     assert 0.02 < len(data.validation) / len(data.train) < 0.12
     assert list((tmp_path / "stdlib_code").iterdir())  # prepared into the TFDS data dir
     again = load_text(cfg)  # read back from the prepared array_record files
-    np.testing.assert_array_equal(again.validation, data.validation)
+    np.testing.assert_array_equal(again.validation[:], data.validation[:])
 
 
 @pytest.mark.parametrize("name,eval_split", [("tiny_shakespeare", "validation"),
@@ -103,9 +124,9 @@ def test_tfds_catalog_dataset_with_mock_data(name, eval_split, tmp_path):
                             "data.eval_split": eval_split, "data.data_dir": str(tmp_path)}).data
     with tfds.testing.mock_data(num_examples=4):
         data = load_text(cfg)
-    # mock examples are random strings; 4 documents joined by 3 separators per split
+    # mock examples are random strings; 4 documents, each ended by the end-of-document token
     assert len(data.train) > 4 and len(data.validation) > 4
-    assert (data.train == data.tokenizer.start_token).sum() >= 3
+    assert (data.train[:] == data.tokenizer.start_token).sum() >= 4
     assert "\0" in data.tokenizer.chars
 
 

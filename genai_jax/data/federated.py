@@ -261,7 +261,7 @@ def text_clients(config, tokens: np.ndarray, tokenizer, end_of_document) -> obje
     """The clients of a federated LM run over the training token stream `tokens`."""
     fed, block = config.train.federated, config.model.block_size
     if fed.partition == "by_speaker":
-        text = tokenizer.decode(np.asarray(tokens))
+        text = tokenizer.decode(tokens[:])  # the play's whole text: its speakers
         streams, _ = by_speaker(text, lambda s: tokenizer.encode(s, "a speaker's text"),
                                 fed.num_clients)
         return StreamClients(streams, block)

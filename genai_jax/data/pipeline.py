@@ -12,7 +12,7 @@ from genai_jax.data import federated, instructions, lm_batches, private, shards
 from genai_jax.data.images import Augment, image_batches, load_images
 from genai_jax.data.images import eval_batches as image_eval_batches
 from genai_jax.data.loader import Batches
-from genai_jax.data.text import load_text
+from genai_jax.data.text import prepared_text
 from genai_jax.tokenization.tokenizers import (
     DataError,
     end_of_document,
@@ -61,8 +61,7 @@ def build(config, modality: str, workdir: pathlib.Path | None = None,
     for directory in (workdir, config.get("init_from")):
         if directory and saved is None:
             saved = load_tokenizer(pathlib.Path(directory))
-    block, batch = config.model.block_size, config.train.batch_size
-    eval_batch = config.eval.batch_size or batch
+    eval_batch = config.eval.batch_size or config.train.batch_size
     if units_mode(config) and (config.data.name == "instructions" or config.data.mixture):
         raise DataError("DP-SGD and privacy audits (train.privacy, data.nonmember_fraction, "
                         "data.max_members, data.canaries) train on fixed windows of one token "
@@ -75,23 +74,15 @@ def build(config, modality: str, workdir: pathlib.Path | None = None,
         return _instruction_pipeline(config, saved, eval_batch)
     if config.data.name == "array_record":
         return _text_units(config, _array_record_pipeline(config, saved, eval_batch),
-                        batch_multiple)
+                           batch_multiple)
     if config.data.mixture:
         raise DataError("data.mixture mixes prepared directories: set "
                         "data.name='array_record' (experiments.prepare_data writes them)")
-    text = load_text(config.data, saved)
-    end = end_of_document(text.tokenizer) if config.data.packing else None
-    if config.data.packing and end is None:
-        raise DataError(f"data.packing=true needs an end-of-document token, and the "
-                        f"{config.data.tokenizer!r} tokenizer has none")
-    return _text_units(config, Pipeline(
-        train=lm_batches.windows(text.train, batch, block, config.seed, end),
-        eval=lm_batches.eval_batches(
-            lm_batches.windows(text.validation, eval_batch, block, config.seed + 1, end),
-            config.eval.steps),
-        info={"tokenizer": text.tokenizer, "bytes_per_token": text.bytes_per_token,
-              "validation_tokens": text.validation, "train_tokens": text.train,
-              "end_of_document": end}), batch_multiple)
+    # A text file, the embedded corpus or a TFDS set: tokenised once into the cache, read from
+    # there as prepared shards are.
+    return _text_units(config, _token_pipeline(
+        config, saved, eval_batch, [(str(prepared_text(config.data, saved)), 1.0)]),
+        batch_multiple)
 
 
 def units_mode(config) -> bool:
@@ -178,6 +169,13 @@ def _array_record_pipeline(config, saved, eval_batch: int) -> Pipeline:
         index = shards.read_index(directory)
         if index["kind"] == "raw_text":
             return _raw_text_pipeline(config, saved, eval_batch, directory, index)
+    return _token_pipeline(config, saved, eval_batch, sources)
+
+
+def _token_pipeline(config, saved, eval_batch: int, sources: list[tuple[str, float]]
+                    ) -> Pipeline:
+    """Windows of the token streams of prepared directories `[(DIR, weight), ...]`, drawn in
+    their proportions."""
     streams, weights, bytes_per_token, fingerprints = [], [], 0.0, set()
     for path, weight in sources:
         directory, index, tokenizer = _prepared(config, path, saved)
@@ -193,6 +191,9 @@ def _array_record_pipeline(config, saved, eval_batch: int) -> Pipeline:
         raise DataError(f"the directories of data.mixture={config.data.mixture!r} were "
                         "tokenised with different vocabularies: prepare them with one tokenizer")
     end = index["end_of_document"] if config.data.packing else None
+    if config.data.packing and end is None:
+        raise DataError(f"data.packing=true needs an end-of-document token, and the "
+                        f"{config.data.tokenizer!r} tokenizer has none")
     block, batch = config.model.block_size, config.train.batch_size
     windows = lambda split, size, seed: lm_batches.mixture(
         [s[split] for s in streams], weights, size, block, seed, end)

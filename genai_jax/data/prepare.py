@@ -5,8 +5,11 @@ Inputs: `*.jsonl` / `*.json` files hold one document per line (its `text_key` fi
 file is one UTF-8 document (or any bytes, for the byte tokenizer). A JSONL document goes to the
 validation split when a hash of its file and byte offset falls in the last
 `validation_fraction` of the buckets (stable whatever the order or number of workers); a file
-that is a single document gives the last `validation_fraction` of its bytes (cut at a line) to
-validation, as `data.name="text_file"` does.
+that is a single document gives the last `validation_fraction` of its bytes (cut at a line, or
+a character in a file of one line) to validation. `prepare_documents` writes the splits of a
+random-access source (a TFDS data set) instead. `genai_jax.data.text` prepares the data sets a
+config names (a text file, the embedded corpus, a TFDS catalog set) this way, once, into a
+cache.
 
 The files are cut into work units of about `unit_bytes` at line boundaries; unit N writes
 `train-N.array_record` and `validation-N.array_record` and then `progress/N.json` with its
@@ -49,58 +52,152 @@ RAW_RECORD_BYTES = 16 << 10
 
 @dataclasses.dataclass(frozen=True)
 class Unit:
+    """Bytes `[start, end)` (whole lines) of an input file."""
+
     number: int
     path: str
-    start: int  # bytes [start, end) of the file, whole lines
+    start: int
     end: int
     jsonl: bool
     cut: int  # single-document files: where validation begins (bytes); else -1
 
+    @property
+    def where(self) -> str:
+        return self.path
+
+    def key(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def documents(self, text_key: str, split_fraction: float | None
+                  ) -> tuple[list[bytes], list[bytes]]:
+        return _documents(self, text_key, split_fraction)
+
+    def ends_document(self, split: str) -> bool:
+        """Whether a document of this unit's `split` ends with it: every JSONL line; a
+        single-document file only at its end (which the validation split holds)."""
+        return self.jsonl or (split == "validation" and self.end == pathlib.Path(self.path)
+                              .stat().st_size)
+
+    def not_utf8(self, at: int) -> str:
+        return f"{self.path} is not UTF-8 text (near byte {self.start + at})"
+
+
+@dataclasses.dataclass(frozen=True)
+class DocumentRange:
+    """Documents `[start, end)` of one split of a random-access source (`source[i]` -> bytes),
+    e.g. a TFDS data set's: each a whole document."""
+
+    number: int
+    split: str
+    name: str  # the source, for messages
+    source: object = dataclasses.field(compare=False, repr=False)
+    start: int = 0
+    end: int = 0
+
+    @property
+    def where(self) -> str:
+        return f"{self.name} ({self.split} documents {self.start}-{self.end - 1})"
+
+    def key(self) -> dict:
+        return {"number": self.number, "split": self.split, "name": self.name,
+                "start": self.start, "end": self.end}
+
+    def documents(self, text_key: str, split_fraction: float | None
+                  ) -> tuple[list[bytes], list[bytes]]:
+        del text_key, split_fraction  # the source's documents are text, its split is fixed
+        docs = [self.source[i] for i in range(self.start, self.end)]
+        return (docs, []) if self.split == "train" else ([], docs)
+
+    def ends_document(self, split: str) -> bool:
+        return True
+
+    def not_utf8(self, at: int) -> str:
+        return f"{self.where} is not UTF-8 text"
+
+
+DOCUMENTS_PER_UNIT = 16384
+
 
 def prepare_text(inputs: list[pathlib.Path], out: pathlib.Path, tokenizer_spec: str, *,
                  validation_fraction: float = 0.1, text_key: str = "text",
-                 workers: int = 0, unit_bytes: int = UNIT_BYTES, log=print) -> dict:
-    """Prepare `inputs` into `out`; returns the index. `workers=0`: one per CPU core."""
+                 workers: int = 0, unit_bytes: int = UNIT_BYTES, tokenizer=None,
+                 extra_characters: str = "", log=print) -> dict:
+    """Prepare `inputs` into `out`; returns the index. `workers=0`: one per CPU core.
+    `tokenizer`: tokenise with this one (else one is made from `tokenizer_spec`, a character
+    vocabulary also holding `extra_characters`)."""
     if not inputs:
         raise DataError("no input files")
-    if not 0.0 < validation_fraction < 1.0:
-        raise DataError(f"validation_fraction={validation_fraction} must be in (0, 1)")
+    _check(validation_fraction, tokenizer_spec)
     if unit_bytes < 1:
         raise DataError(f"work units of {unit_bytes} bytes: give a positive size")
-    raw = tokenizer_spec == RAW
-    if not raw:
-        parse_spec(tokenizer_spec)
-    out = pathlib.Path(out).expanduser()
     settings = {"tokenizer": tokenizer_spec, "validation_fraction": validation_fraction,
                 "text_key": text_key, "unit_bytes": unit_bytes,
                 "inputs": [{"path": str(p.resolve()), "bytes": p.stat().st_size}
                            for p in inputs]}
-    _claim(out, settings)
-    workers = workers or os.cpu_count() or 1
     units = _units(inputs, unit_bytes, validation_fraction)
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(min(workers, len(units)),
-                                                mp_context=context) as pool:
-        tokenizer, eos = None, None
+    processes = min(workers or os.cpu_count() or 1, len(units))
+    return _prepare(units, pathlib.Path(out).expanduser(), settings, processes, tokenizer,
+                    extra_characters, log)
+
+
+def prepare_documents(sources: dict[str, object], name: str, out: pathlib.Path,
+                      tokenizer_spec: str, *, tokenizer=None, extra_characters: str = "",
+                      log=print) -> dict:
+    """Prepare the documents of random-access sources (`{split: source}`, `source[i]` -> a
+    document's bytes; e.g. a TFDS data set's splits) into `out`, in this process; returns the
+    index. `name` describes them in messages and in the index."""
+    _check(0.5, tokenizer_spec)
+    settings = {"tokenizer": tokenizer_spec, "validation_fraction": None, "text_key": None,
+                "inputs": [{"path": f"{name}:{split}", "documents": len(source)}
+                           for split, source in sources.items()]}
+    units = []
+    for split, source in sources.items():
+        for start in range(0, len(source), DOCUMENTS_PER_UNIT):
+            units.append(DocumentRange(len(units), split, name, source, start,
+                                       min(start + DOCUMENTS_PER_UNIT, len(source))))
+    return _prepare(units, pathlib.Path(out).expanduser(), settings, 1, tokenizer,
+                    extra_characters, log)
+
+
+def _check(validation_fraction: float, tokenizer_spec: str) -> None:
+    if not 0.0 < validation_fraction < 1.0:
+        raise DataError(f"validation_fraction={validation_fraction} must be in (0, 1)")
+    if tokenizer_spec != RAW:
+        parse_spec(tokenizer_spec)
+
+
+def _prepare(units: list, out: pathlib.Path, settings: dict, processes: int, tokenizer,
+             extra_characters: str, log) -> dict:
+    """Write `units` into `out` on `processes` processes (1: in this one), resuming a
+    preparation with the same settings; returns the index."""
+    raw, spec = settings["tokenizer"] == RAW, settings["tokenizer"]
+    fraction, text_key = settings["validation_fraction"], settings["text_key"]
+    if extra_characters:
+        settings = {**settings, "extra_characters": extra_characters}
+    _claim(out, settings)
+    pool = (concurrent.futures.ProcessPoolExecutor(
+        processes, mp_context=multiprocessing.get_context("spawn")) if processes > 1
+        else concurrent.futures.ThreadPoolExecutor(1))
+    with pool:
+        eos = None
         if not raw:
-            tokenizer = load_tokenizer(out)
-            if tokenizer is None:
-                tokenizer = _new_tokenizer(tokenizer_spec, inputs, units, text_key, pool)
+            if load_tokenizer(out) is None:
+                tokenizer = tokenizer or _new_tokenizer(spec, units, text_key, fraction,
+                                                        extra_characters, pool)
                 tokenizer.save(out)
+            tokenizer = load_tokenizer(out)
             if tokenizer.vocab_size > 2**32:
                 raise DataError(f"a vocabulary of {tokenizer.vocab_size} does not fit uint32")
             eos = end_of_document(tokenizer)
-            if eos is None:
-                raise DataError(f"the {tokenizer_spec!r} tokenizer has no end-of-document "
-                                "token")
+            if eos is None and any(isinstance(u, DocumentRange) or u.jsonl for u in units):
+                raise DataError(f"the {spec!r} tokenizer has no end-of-document token")
         todo = [u for u in units if not _done(out, u)]
         log(f"{len(units) - len(todo)} of {len(units)} units already prepared; "
-            f"{len(todo)} to go on {min(workers, len(units))} processes")
-        t0, size = time.perf_counter(), sum(u.end - u.start for u in todo)
-        futures = [pool.submit(_prepare_unit, u, out, tokenizer, eos, validation_fraction,
-                               text_key) for u in todo]
-        for future in concurrent.futures.as_completed(futures):
-            future.result()
+            f"{len(todo)} to go on {processes} process{'es' if processes > 1 else ''}")
+        t0 = time.perf_counter()
+        futures = [pool.submit(_prepare_unit, u, out, tokenizer, eos, fraction, text_key)
+                   for u in todo]
+        size = sum(future.result() for future in concurrent.futures.as_completed(futures))
         seconds = time.perf_counter() - t0
     if todo:
         log(f"prepared {size / 1e6:.1f} MB in {seconds:.1f} s ({size / 1e6 / seconds:.1f} MB/s)")
@@ -133,7 +230,7 @@ def _units(inputs: list[pathlib.Path], unit_bytes: int, fraction: float) -> list
         if size == 0:
             raise DataError(f"input {path} is empty")
         jsonl = path.suffix.lower() in JSONL_SUFFIXES
-        cut = -1 if jsonl else _line_start(path, int(size * (1 - fraction)))
+        cut = -1 if jsonl else _cut(path, int(size * (1 - fraction)))
         bounds = [0]
         while bounds[-1] < size:
             bounds.append(_line_start(path, bounds[-1] + unit_bytes))
@@ -144,6 +241,20 @@ def _units(inputs: list[pathlib.Path], unit_bytes: int, fraction: float) -> list
             if end > start:
                 units.append(Unit(len(units), str(path), start, end, jsonl, cut))
     return units
+
+
+def _cut(path: pathlib.Path, at: int) -> int:
+    """Where a single-document file's validation tail begins: the first line start at or after
+    byte `at`, else (no line starts there) the character start at or before it."""
+    cut = _line_start(path, at)
+    if cut < path.stat().st_size:
+        return cut
+    with path.open("rb") as f:
+        f.seek(max(at - 3, 0))
+        head = f.read(at - max(at - 3, 0) + 1)
+    while at > 0 and head and head[-1] & 0xC0 == 0x80:  # a UTF-8 continuation byte
+        at, head = at - 1, head[:-1]
+    return at
 
 
 def _line_start(path: pathlib.Path, at: int) -> int:
@@ -162,10 +273,11 @@ def _line_start(path: pathlib.Path, at: int) -> int:
                 return min(f.tell() - len(block) + newline + 1, size)
 
 
-def _new_tokenizer(spec: str, inputs, units, text_key: str, pool):
+def _new_tokenizer(spec: str, units: list, text_key: str, fraction: float | None,
+                   extra_characters: str, pool):
     kind, _ = parse_spec(spec)
     if kind == "char":  # every character of every input, and NUL (the end of a document)
-        chars = set("\0")
+        chars = set("\0") | set(extra_characters)
         for found in pool.map(_characters, units, [text_key] * len(units)):
             chars |= found
         return make_tokenizer(spec, "".join(sorted(chars)).encode("utf-8"), "the inputs")
@@ -174,17 +286,17 @@ def _new_tokenizer(spec: str, inputs, units, text_key: str, pool):
         for unit in units:
             if size >= BPE_SAMPLE_BYTES:
                 break
-            train, _ = _documents(unit, text_key, split_fraction=None)
+            train, _ = unit.documents(text_key, fraction)
             sample += train
             size += sum(len(d) for d in train)
         return make_tokenizer(spec, DOCUMENT_SEPARATOR.join(sample), "the inputs")
     return make_tokenizer(spec, b"", "the inputs")
 
 
-def _characters(unit: Unit, text_key: str) -> set[str]:
-    documents, _ = _documents(unit, text_key, split_fraction=None)
+def _characters(unit, text_key: str) -> set[str]:
+    train, validation = unit.documents(text_key, None)
     found = set()
-    for doc in documents:
+    for doc in train + validation:
         found |= set(_utf8(doc, unit))
     return found
 
@@ -199,7 +311,7 @@ def _documents(unit: Unit, text_key: str, split_fraction: float | None
                ) -> tuple[list[bytes], list[bytes]]:
     """(train, validation) documents of a unit (all in train when `split_fraction` is None).
     A single-document file's parts come back as one "document" each, ended only at the file's
-    end (`_ends_document`)."""
+    end (`Unit.ends_document`)."""
     raw = _read(unit)
     if not unit.jsonl:
         in_validation = split_fraction is not None and unit.start >= unit.cut
@@ -235,15 +347,14 @@ def _bucket(key: str) -> float:
     return int.from_bytes(digest, "little") / 2**64
 
 
-def _utf8(data: bytes, unit: Unit) -> str:
+def _utf8(data: bytes, unit) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{unit.path} is not UTF-8 text (near byte {unit.start + e.start}); "
-                        "use --tokenizer=byte") from None
+        raise DataError(f"{unit.not_utf8(e.start)}; use --tokenizer=byte") from None
 
 
-def _encode(tokenizer, text: bytes, unit: Unit) -> np.ndarray:
+def _encode(tokenizer, text: bytes, unit) -> np.ndarray:
     """The tokens of `text`, tokenised in pieces of about PIECE_BYTES cut at line starts."""
     kind = getattr(tokenizer, "kind", None)
     if kind == "byte":
@@ -254,7 +365,7 @@ def _encode(tokenizer, text: bytes, unit: Unit) -> np.ndarray:
         ids = np.searchsorted(vocab, codes)
         bad = (ids >= len(vocab)) | (vocab[np.minimum(ids, len(vocab) - 1)] != codes)
         if bad.any():
-            raise DataError(f"{unit.path} has the character {chr(codes[bad][0])!r}, which is "
+            raise DataError(f"{unit.where} has the character {chr(codes[bad][0])!r}, which is "
                             "not in the tokenizer's vocabulary")
         return ids.astype(np.int32)
     pieces, at = [], 0
@@ -268,42 +379,43 @@ def _encode(tokenizer, text: bytes, unit: Unit) -> np.ndarray:
                           [np.zeros(0, np.int32)])
 
 
-def _prepare_unit(unit: Unit, out: pathlib.Path, tokenizer, eos: int | None, fraction: float,
-                  text_key: str) -> None:
+def _prepare_unit(unit, out: pathlib.Path, tokenizer, eos: int | None,
+                  fraction: float | None, text_key: str | None) -> int:
+    """Write the unit's shards and its progress record; returns the bytes of text it held."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one process per core already
-    train, validation = _documents(unit, text_key, fraction)
+    train, validation = unit.documents(text_key, fraction)
     counts = {}
     for split, documents in (("train", train), ("validation", validation)):
         name = f"{split}-{unit.number:05d}.array_record"
+        ends = unit.ends_document(split)
         if tokenizer is None:
-            counts[split] = _write_raw(out / name, documents, unit, split)
+            counts[split] = _write_raw(out / name, documents, ends)
             continue
         dtype = shards.token_dtype(tokenizer.vocab_size)
         tokens, n_bytes = [], 0
         for doc in documents:
             tokens.append(_encode(tokenizer, doc, unit))
             n_bytes += len(doc)
-            if _ends_document(unit, split):
+            if ends and eos is not None:
                 tokens.append(np.array([eos], np.int32))
                 n_bytes += 1  # the end-of-document byte, as the byte tokenizer counts it
         stream = np.concatenate(tokens).astype(dtype) if tokens else np.zeros(0, dtype)
         _write_records(out / name, (stream[i:i + shards.CHUNK_TOKENS].tobytes()
                                     for i in range(0, len(stream), shards.CHUNK_TOKENS)))
         counts[split] = {"file": name, "tokens": len(stream), "bytes": n_bytes,
-                         "documents": len(documents) if unit.jsonl else int(
-                             _ends_document(unit, split) and bool(documents))}
-    _write_json(out / PROGRESS / f"{unit.number:05d}.json",
-                {"unit": dataclasses.asdict(unit), **counts})
+                         "documents": len(documents) if ends else 0}
+    _write_json(out / PROGRESS / f"{unit.number:05d}.json", {"unit": unit.key(), **counts})
+    return sum(len(d) for d in train + validation)
 
 
-def _write_raw(path: pathlib.Path, documents: list[bytes], unit: Unit, split: str) -> dict:
+def _write_raw(path: pathlib.Path, documents: list[bytes], ends_document: bool) -> dict:
     """Documents as records of UTF-8 text of at most RAW_RECORD_BYTES (cut at a line, else a
     character), each led by a flag byte: 1 when the record ends its document."""
     records = []
     for doc in documents:
         pieces = _pieces(doc)
         for i, piece in enumerate(pieces):
-            ends = i == len(pieces) - 1 and _ends_document(unit, split)
+            ends = i == len(pieces) - 1 and ends_document
             records.append((b"\1" if ends else b"\0") + piece)
     _write_records(path, records)
     return {"file": path.name, "records": len(records),
@@ -323,13 +435,6 @@ def _pieces(doc: bytes) -> list[bytes]:
         pieces.append(doc[at:end])
         at = end
     return pieces
-
-
-def _ends_document(unit: Unit, split: str) -> bool:
-    """Whether a document of this unit's `split` ends with it: every JSONL line; a
-    single-document file only at its end (which the validation split holds)."""
-    return unit.jsonl or (split == "validation" and unit.end == pathlib.Path(unit.path)
-                          .stat().st_size)
 
 
 def _write_records(path: pathlib.Path, records) -> int:
@@ -355,13 +460,12 @@ def _write_json(path: pathlib.Path, value) -> None:
     tmp.rename(path)
 
 
-def _done(out: pathlib.Path, unit: Unit) -> bool:
+def _done(out: pathlib.Path, unit) -> bool:
     record = out / PROGRESS / f"{unit.number:05d}.json"
-    return record.is_file() and json.loads(record.read_text())["unit"] == dataclasses.asdict(
-        unit)
+    return record.is_file() and json.loads(record.read_text())["unit"] == unit.key()
 
 
-def _index(out: pathlib.Path, units: list[Unit], tokenizer, eos: int | None,
+def _index(out: pathlib.Path, units: list, tokenizer, eos: int | None,
            settings: dict) -> dict:
     keys = ("records", "documents", "bytes") if tokenizer is None else (
         "tokens", "documents", "bytes")
@@ -387,7 +491,8 @@ def _index(out: pathlib.Path, units: list[Unit], tokenizer, eos: int | None,
             "tokenizer_sha256": shards.tokenizer_sha256(tokenizer),
             "vocab_size": tokenizer.vocab_size,
             "token_dtype": shards.token_dtype(tokenizer.vocab_size).name,
-            "end_of_document": int(eos), "chunk_tokens": shards.CHUNK_TOKENS,
+            "end_of_document": None if eos is None else int(eos),
+            "chunk_tokens": shards.CHUNK_TOKENS,
             "validation_fraction": settings["validation_fraction"],
             "text_key": settings["text_key"], "splits": splits, "inputs": settings["inputs"]}
 

@@ -1,95 +1,130 @@
-"""Text data sets as token streams, and deterministic language-model batches.
+"""Text data sets as token streams read from prepared ArrayRecord shards.
 
 Sources (`config.data.name`):
   - "stdlib_code": the embedded default, this interpreter's standard library sources, built once
     into a TFDS data dir by `StdlibCode` and read back as an array_record data source;
   - "text_file": the local UTF-8 (or any bytes, for byte tokenization) file at `data.path`,
-    split by position: the first `1 - validation_fraction` of its tokens train, the rest validate;
+    one document split by position: the first `1 - validation_fraction` of its bytes (cut at a
+    line) train, the rest validate;
   - any other name: a TFDS catalog data set (e.g. "tiny_shakespeare", "lm1b") read with
     `tfds.data_source`, its `data.text_key` feature being the text.
-Documents of a split are joined into one stream with an end-of-document token: a NUL byte for
-the byte/char tokenizers, the tokenizer's EOS (else BOS) token for the others.
+
+A data set is tokenised once, document by document, into a prepared directory in the cache
+(`$GENAI_JAX_CACHE/tokens/KEY`: the format `experiments.prepare_data` writes, by the same code,
+`genai_jax.data.prepare`), keyed by everything its tokens depend on (the source, the tokenizer,
+the validation fraction), and read back by slices (`shards.TokenStream`): no split is ever held
+in memory. Every document ends with the end-of-document token (NUL for the byte/char
+tokenizers, else the tokenizer's EOS, else BOS; a text file's single document ends with its
+validation tail).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
+import hashlib
+import json
 import os
 import pathlib
 
 import numpy as np
+from absl import logging
 
 from genai_jax import paths
+from genai_jax.data import prepare, shards
 from genai_jax.tokenization.tokenizers import (
-    DOCUMENT_SEPARATOR,
     AnyTokenizer,
     DataError,
+    load_tokenizer,
     make_tokenizer,
     parse_spec,
 )
+
+# Canaries (`genai_jax.data.private`) are written in digits the text may lack.
+CANARY_CHARACTERS = " 0123456789INPmsy"
+# A file up to this size is identified by a digest of all of it, a larger one by its size,
+# modification time and a digest of its first and last SAMPLE_BYTES.
+DIGEST_BYTES = 64 << 20
+SAMPLE_BYTES = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
 class TextData:
     tokenizer: AnyTokenizer
-    train: np.ndarray  # int `[n_train]`
-    validation: np.ndarray  # int `[n_validation]`
+    directory: pathlib.Path  # the prepared shards
+    train: shards.TokenStream  # sliceable: `train[a:b]` -> numpy
+    validation: shards.TokenStream
     # UTF-8 bytes of the validation text per validation token: bits per byte, unlike loss per
     # token, compares models with different tokenizers.
     bytes_per_token: float
 
 
 def load_text(data_cfg, tokenizer: AnyTokenizer | None = None) -> TextData:
-    """Token streams of the train and validation splits named by `data_cfg`.
+    """The token streams of the train and validation splits named by `data_cfg`.
 
-    `tokenizer`: reuse a saved one (resume, sampling, evaluation) instead of building it.
-    """
-    source = _describe(data_cfg)
-    if tokenizer is None and parse_spec(data_cfg.tokenizer)[0] in ("byte", "gpt2", "hf"):
-        # Built before the data is read: a bad hf:DIR fails before a large data set loads.
-        tokenizer = make_tokenizer(data_cfg.tokenizer, b"", source)
+    `tokenizer`: reuse a saved one (resume, sampling, evaluation) instead of building it."""
+    directory = prepared_text(data_cfg, tokenizer)
+    index = shards.read_index(directory)
+    streams = {s: shards.TokenStream(directory, index, s) for s in shards.SPLITS}
+    validation = index["splits"]["validation"]
+    return TextData(load_tokenizer(directory), directory, streams["train"],
+                    streams["validation"], validation["bytes"] / validation["tokens"])
+
+
+def prepared_text(data_cfg, tokenizer: AnyTokenizer | None = None) -> pathlib.Path:
+    """The cache directory holding the text data set `data_cfg` names, tokenised with
+    `tokenizer` (else one built from `data.tokenizer`, from the data for char / bpe:N),
+    prepared now if it is not there yet (a killed preparation resumes)."""
+    spec, source = data_cfg.tokenizer, _describe(data_cfg)
+    kind, _ = parse_spec(spec)
+    if tokenizer is None and kind in ("byte", "gpt2", "hf"):
+        # Built before the data is read: a bad hf:DIR fails before a large data set is read.
+        tokenizer = make_tokenizer(spec, b"", source)
+    extra = CANARY_CHARACTERS if kind == "char" and data_cfg.get("canaries") else ""
+    log = lambda line: logging.info("%s: %s", source, line)  # noqa: E731
     if data_cfg.name == "text_file":
-        documents = {"all": [_read_text_file(data_cfg.path)]}
+        path = _text_file(data_cfg.path)
+        fraction = data_cfg.validation_fraction
+        identity = {"file": _file_identity(path), "validation_fraction": fraction}
+        write = lambda out, tok: prepare.prepare_text(  # noqa: E731
+            [path], out, spec, validation_fraction=fraction, tokenizer=tok,
+            extra_characters=extra, log=log)
     else:
-        documents = {"train": _tfds_documents(data_cfg, data_cfg.train_split),
-                     "validation": _tfds_documents(data_cfg, data_cfg.eval_split)}
-    if tokenizer is None:
-        tokenizer = make_tokenizer(data_cfg.tokenizer, _tokenizer_text(data_cfg, documents),
-                                   source)
-    if data_cfg.name == "text_file":
-        (raw,) = documents["all"]
-        tokens, starts = tokenizer.encode_with_offsets(raw, source)
-        n = int(len(tokens) * (1 - data_cfg.validation_fraction))
-        streams = {"train": tokens[:n], "validation": tokens[n:]}
-        val_bytes = len(raw) - int(starts[n]) if n < len(tokens) else 0
-    else:
-        streams = {k: tokenizer.encode_documents(v, source) for k, v in documents.items()}
-        # Counted as the byte tokenizer sees the split (one byte between documents), so bits per
-        # byte is the same measure whatever joins the documents.
-        val_bytes = len(DOCUMENT_SEPARATOR.join(documents["validation"]))
-    for split, tokens in streams.items():
-        if len(tokens) < 2:
-            raise DataError(f"the {split} split of {source} has {len(tokens)} tokens; "
-                            "it needs at least 2 (check data.path / data.validation_fraction)")
-    return TextData(tokenizer, streams["train"], streams["validation"],
-                    val_bytes / len(streams["validation"]))
+        sources, identity = _tfds_sources(data_cfg)
+        write = lambda out, tok: prepare.prepare_documents(  # noqa: E731
+            sources, f"data set {data_cfg.name!r}", out, spec, tokenizer=tok,
+            extra_characters=extra, log=log)
+    identity = {**identity, "tokenizer": spec, "extra_characters": extra,
+                "format": shards.FORMAT}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+    # A tokenizer built from the data (char, bpe) is known only once built: a preparation
+    # that built one is found by the key alone, and reused by a run holding the same one.
+    fingerprint = None if tokenizer is None else shards.tokenizer_sha256(tokenizer)
+    root = paths.cache_dir() / "tokens"
+    names = [key] if fingerprint is None else [key, f"{key}-{fingerprint[:16]}"]
+    for name in names:
+        index = root / name / shards.INDEX
+        if index.is_file() and fingerprint in (None, json.loads(index.read_text())
+                                               .get("tokenizer_sha256")):
+            return root / name
+    out = root / names[-1]
+    with _locked(root / f"{names[-1]}.lock"):  # one preparation at a time (several processes)
+        if not (out / shards.INDEX).is_file():
+            log(f"tokenising into {out} (once: later runs read it from there)")
+            write(out, tokenizer)
+    return out
 
 
-def _tokenizer_text(data_cfg, documents: dict[str, list[bytes]]) -> bytes:
-    """What a new tokenizer is built from. A BPE learns its merges from the training text alone
-    (for a text file, its first `1 - validation_fraction`, cut at a character); a character
-    vocabulary needs every character of both splits."""
-    if not data_cfg.tokenizer.startswith("bpe:"):
-        # Canaries (`genai_jax.data.private`) are written in digits the text may lack.
-        canaries = b" my PIN is 0123456789" if data_cfg.get("canaries") else b""
-        return b"".join(DOCUMENT_SEPARATOR.join(docs) for docs in documents.values()) + canaries
-    if data_cfg.name != "text_file":
-        return DOCUMENT_SEPARATOR.join(documents["train"])
-    (raw,) = documents["all"]
-    cut = int(len(raw) * (1 - data_cfg.validation_fraction))
-    while 0 < cut < len(raw) and raw[cut] & 0xC0 == 0x80:  # a UTF-8 continuation byte
-        cut -= 1
-    return raw[:cut]
+@contextlib.contextmanager
+def _locked(path: pathlib.Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def _describe(data_cfg) -> str:
@@ -97,20 +132,53 @@ def _describe(data_cfg) -> str:
         f"data set {data_cfg.name!r}")
 
 
-def _read_text_file(path: str) -> bytes:
+def _text_file(path: str) -> pathlib.Path:
     if not path:
         raise DataError("data.name='text_file' needs data.path: pass --config.data.path=FILE")
     p = pathlib.Path(path).expanduser()
     if not p.is_file():
         raise DataError(f"data.path {path!r} is not a file")
-    raw = p.read_bytes()
-    if not raw.strip():
+    size = p.stat().st_size
+    if size == 0 or (size < 1 << 16 and not p.read_bytes().strip()):
         raise DataError(f"data.path {path!r} is empty")
-    return raw
+    return p
 
 
-def _tfds_documents(data_cfg, split: str) -> list[bytes]:
-    """The documents of one split of a TFDS data set, as UTF-8 (or any) bytes."""
+def _file_identity(path: pathlib.Path) -> dict:
+    """What a file's tokens depend on: its path and a digest of its content (of a large file:
+    its size, modification time and a digest of its ends)."""
+    stat = path.stat()
+    digest = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as f:
+        if stat.st_size <= DIGEST_BYTES:
+            while block := f.read(1 << 20):
+                digest.update(block)
+            identity = {}
+        else:
+            digest.update(f.read(SAMPLE_BYTES))
+            f.seek(stat.st_size - SAMPLE_BYTES)
+            digest.update(f.read(SAMPLE_BYTES))
+            identity = {"mtime_ns": stat.st_mtime_ns}
+    return {"path": str(path.resolve()), "bytes": stat.st_size, "digest": digest.hexdigest(),
+            **identity}
+
+
+class _Texts:
+    """The `text_key` feature of a TFDS data source's examples, as bytes, by index."""
+
+    def __init__(self, source, key: str):
+        self.source, self.key = source, key
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> bytes:
+        return _as_bytes(self.source[index][self.key])
+
+
+def _tfds_sources(data_cfg) -> tuple[dict[str, _Texts], dict]:
+    """({"train": documents, "validation": documents}, what identifies them) of a TFDS data
+    set: random-access array_record data sources, read one document at a time."""
     import tensorflow_datasets as tfds
 
     data_dir = os.path.expanduser(data_cfg.data_dir) if data_cfg.data_dir else None
@@ -128,25 +196,31 @@ def _tfds_documents(data_cfg, split: str) -> list[bytes]:
             raise DataError(f"data.name={data_cfg.name!r} is neither 'stdlib_code', 'text_file' "
                             "nor a TFDS catalog data set") from None
     known = builder.info.splits  # empty until the data set is prepared
-    if known and split not in known:
-        raise DataError(f"data set {data_cfg.name!r} has no split {split!r}; it has "
-                        f"{sorted(known)} (set data.train_split / data.eval_split)")
-    try:
-        if data_cfg.name == "stdlib_code":
-            source = builder.as_data_source(split=split)
-        else:
-            source = tfds.data_source(data_cfg.name, split=split, data_dir=data_dir)
-    except OSError as e:
-        raise DataError(f"could not download data set {data_cfg.name!r} ({type(e).__name__}): "
-                        "prepare it once on a machine online and point data.data_dir at "
-                        "it") from None
-    if len(source) == 0:
-        raise DataError(f"the {split} split of data set {data_cfg.name!r} is empty")
-    first = source[0]
-    if data_cfg.text_key not in first:
-        raise DataError(f"data set {data_cfg.name!r} has no feature {data_cfg.text_key!r}; it has "
-                        f"{sorted(first)} (set data.text_key)")
-    return [_as_bytes(source[i][data_cfg.text_key]) for i in range(len(source))]
+    sources, identity = {}, {"tfds": builder.info.full_name, "data_dir": builder.data_dir,
+                             "text_key": data_cfg.text_key, "splits": {}}
+    for split, name in (("train", data_cfg.train_split), ("validation", data_cfg.eval_split)):
+        if known and name not in known:
+            raise DataError(f"data set {data_cfg.name!r} has no split {name!r}; it has "
+                            f"{sorted(known)} (set data.train_split / data.eval_split)")
+        try:
+            if data_cfg.name == "stdlib_code":
+                source = builder.as_data_source(split=name)
+            else:
+                source = tfds.data_source(data_cfg.name, split=name, data_dir=data_dir)
+        except OSError as e:
+            raise DataError(f"could not download data set {data_cfg.name!r} "
+                            f"({type(e).__name__}): prepare it once on a machine online and "
+                            "point data.data_dir at it") from None
+        if len(source) == 0:
+            raise DataError(f"the {name} split of data set {data_cfg.name!r} is empty")
+        if data_cfg.text_key not in source[0]:
+            raise DataError(f"data set {data_cfg.name!r} has no feature {data_cfg.text_key!r}; "
+                            f"it has {sorted(source[0])} (set data.text_key)")
+        sources[split] = texts = _Texts(source, data_cfg.text_key)
+        ends = hashlib.blake2b(texts[0] + b"\0" + texts[len(texts) - 1], digest_size=16)
+        identity["splits"][split] = {"name": name, "documents": len(source),
+                                     "ends": ends.hexdigest()}
+    return sources, identity
 
 
 def _as_bytes(x) -> bytes:
