@@ -1,16 +1,26 @@
-"""Data sets (TFDS data sources) and the input pipeline (batches of numpy arrays)."""
+"""Data sets (TFDS data sources) and the input pipeline (batches of numpy arrays).
 
-from genai_jax.data.lm_batches import eval_batches, sequential_batches
-from genai_jax.data.loader import Batches
-from genai_jax.data.pipeline import Pipeline, build
-from genai_jax.data.text import TextData, load_text
-from genai_jax.errors import DataError
-from genai_jax.tokenization import (
-    HFTokenizer,
-    Tokenizer,
-    load_tokenizer,
-    make_tokenizer,
-)
+The names below are imported when first used (PEP 562), so that importing one module of the
+package (e.g. `genai_jax.data.prepare` in `prepare_data`'s worker processes) does not import
+the pipeline, Grain and JAX with it.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "eval_batches": "genai_jax.data.lm_batches", "sequential_batches": "genai_jax.data.lm_batches",
+    "Batches": "genai_jax.data.loader", "Pipeline": "genai_jax.data.pipeline",
+    "build": "genai_jax.data.pipeline", "TextData": "genai_jax.data.text",
+    "load_text": "genai_jax.data.text", "DataError": "genai_jax.errors",
+    "HFTokenizer": "genai_jax.tokenization", "Tokenizer": "genai_jax.tokenization",
+    "load_tokenizer": "genai_jax.tokenization", "make_tokenizer": "genai_jax.tokenization",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def defaults(modality: str) -> dict:

@@ -44,6 +44,7 @@ from genai_jax.tokenization.tokenizers import (
 JSONL_SUFFIXES = (".jsonl", ".json")
 UNIT_BYTES = 64 << 20
 PIECE_BYTES = 1 << 20  # text handed to a tokenizer at once (bounds its per-token bookkeeping)
+PIECES_AT_ONCE = 8  # pieces a BPE encodes together (in parallel threads outside workers)
 BPE_SAMPLE_BYTES = 64 << 20  # the training text a new BPE learns from
 PROGRESS = "progress"
 RAW = "none"  # --tokenizer=none: documents stay text, tokenised on the fly by training
@@ -347,42 +348,49 @@ def _bucket(key: str) -> float:
     return int.from_bytes(digest, "little") / 2**64
 
 
-def _utf8(data: bytes, unit) -> str:
+def _utf8(data: bytes, unit, at: int = 0) -> str:
+    """`data` (at byte `at` of the unit's text) decoded."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{unit.not_utf8(e.start)}; use --tokenizer=byte") from None
+        raise DataError(f"{unit.not_utf8(at + e.start)}; use --tokenizer=byte") from None
 
 
-def _encode(tokenizer, text: bytes, unit) -> np.ndarray:
-    """The tokens of `text`, tokenised in pieces of about PIECE_BYTES cut at line starts."""
-    kind = getattr(tokenizer, "kind", None)
-    if kind == "byte":
-        return np.frombuffer(text, np.uint8).astype(np.int32)
-    if kind == "char":  # vectorised: code points looked up in the sorted vocabulary
-        codes = np.frombuffer(_utf8(text, unit).encode("utf-32-le"), np.uint32)
-        vocab = np.frombuffer(tokenizer.chars.encode("utf-32-le"), np.uint32)
-        ids = np.searchsorted(vocab, codes)
-        bad = (ids >= len(vocab)) | (vocab[np.minimum(ids, len(vocab) - 1)] != codes)
-        if bad.any():
-            raise DataError(f"{unit.where} has the character {chr(codes[bad][0])!r}, which is "
-                            "not in the tokenizer's vocabulary")
-        return ids.astype(np.int32)
+def _encode(tokenizer, text: bytes, unit):
+    """The tokens of `text` (int32 arrays), piece by piece: pieces of about PIECE_BYTES cut at
+    line starts, a few at a time, so a unit's tokens are never all held at once."""
     pieces, at = [], 0
     while at < len(text):
         end = text.find(b"\n", at + PIECE_BYTES)
         end = len(text) if end < 0 else end + 1
-        pieces.append(_utf8(text[at:end], unit))
+        pieces.append((at, end))
         at = end
-    encodings = tokenizer.backend.encode_batch(pieces, add_special_tokens=False)
-    return np.concatenate([np.asarray(e.ids, np.int32) for e in encodings] or
-                          [np.zeros(0, np.int32)])
+    kind = getattr(tokenizer, "kind", None)
+    if kind == "byte":
+        for at, end in pieces:
+            yield np.frombuffer(text, np.uint8, end - at, at).astype(np.int32)
+    elif kind == "char":  # vectorised: code points looked up in the sorted vocabulary
+        vocab = np.frombuffer(tokenizer.chars.encode("utf-32-le"), np.uint32)
+        for at, end in pieces:
+            codes = np.frombuffer(_utf8(text[at:end], unit, at).encode("utf-32-le"), np.uint32)
+            ids = np.searchsorted(vocab, codes)
+            bad = (ids >= len(vocab)) | (vocab[np.minimum(ids, len(vocab) - 1)] != codes)
+            if bad.any():
+                raise DataError(f"{unit.where} has the character {chr(codes[bad][0])!r}, "
+                                "which is not in the tokenizer's vocabulary")
+            yield ids.astype(np.int32)
+    else:
+        for i in range(0, len(pieces), PIECES_AT_ONCE):
+            texts = [_utf8(text[at:end], unit, at) for at, end in pieces[i:i + PIECES_AT_ONCE]]
+            for encoding in tokenizer.backend.encode_batch(texts, add_special_tokens=False):
+                yield np.asarray(encoding.ids, np.int32)
 
 
 def _prepare_unit(unit, out: pathlib.Path, tokenizer, eos: int | None,
                   fraction: float | None, text_key: str | None) -> int:
     """Write the unit's shards and its progress record; returns the bytes of text it held."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one process per core already
+    if multiprocessing.parent_process() is not None:  # a worker: one process per core already
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     train, validation = unit.documents(text_key, fraction)
     counts = {}
     for split, documents in (("train", train), ("validation", validation)):
@@ -391,21 +399,46 @@ def _prepare_unit(unit, out: pathlib.Path, tokenizer, eos: int | None,
         if tokenizer is None:
             counts[split] = _write_raw(out / name, documents, ends)
             continue
+        end = [np.array([eos], np.int32)] if ends and eos is not None else []
+
+        def pieces(documents=documents, end=end):
+            for doc in documents:
+                yield from _encode(tokenizer, doc, unit)
+                yield from end
         dtype = shards.token_dtype(tokenizer.vocab_size)
-        tokens, n_bytes = [], 0
-        for doc in documents:
-            tokens.append(_encode(tokenizer, doc, unit))
-            n_bytes += len(doc)
-            if ends and eos is not None:
-                tokens.append(np.array([eos], np.int32))
-                n_bytes += 1  # the end-of-document byte, as the byte tokenizer counts it
-        stream = np.concatenate(tokens).astype(dtype) if tokens else np.zeros(0, dtype)
-        _write_records(out / name, (stream[i:i + shards.CHUNK_TOKENS].tobytes()
-                                    for i in range(0, len(stream), shards.CHUNK_TOKENS)))
-        counts[split] = {"file": name, "tokens": len(stream), "bytes": n_bytes,
+        tokens = _write_token_records(out / name, pieces(), dtype)
+        # the end-of-document token counted as one byte, as the byte tokenizer counts it
+        n_bytes = sum(len(d) for d in documents) + len(documents) * len(end)
+        counts[split] = {"file": name, "tokens": tokens, "bytes": n_bytes,
                          "documents": len(documents) if ends else 0}
     _write_json(out / PROGRESS / f"{unit.number:05d}.json", {"unit": unit.key(), **counts})
     return sum(len(d) for d in train + validation)
+
+
+def _write_token_records(path: pathlib.Path, pieces, dtype: np.dtype) -> int:
+    """The token arrays `pieces`, one stream, as records of CHUNK_TOKENS tokens (the last one
+    shorter) of `dtype`; returns the number of tokens."""
+    total = 0
+
+    def records():
+        nonlocal total
+        held, count = [], 0
+        for piece in pieces:
+            held.append(piece.astype(dtype))
+            count += len(piece)
+            if count >= shards.CHUNK_TOKENS:
+                stream = np.concatenate(held)
+                whole = count - count % shards.CHUNK_TOKENS
+                for i in range(0, whole, shards.CHUNK_TOKENS):
+                    yield stream[i:i + shards.CHUNK_TOKENS].tobytes()
+                total += whole
+                held, count = [stream[whole:]], count - whole
+        if count:
+            total += count
+            yield np.concatenate(held).tobytes()
+
+    _write_records(path, records())
+    return total
 
 
 def _write_raw(path: pathlib.Path, documents: list[bytes], ends_document: bool) -> dict:
