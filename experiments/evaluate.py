@@ -83,8 +83,8 @@ def main(argv):
     info = run.pipeline.info
     if "validation_windows" in info:  # instruction data: every packed held-out window
         windows = info["validation_windows"]
-        batches = instruction_batches(windows, batch, _MAX_BATCHES.value or len(windows["inputs"]))
-        extent = {"validation_windows": len(windows["inputs"])}
+        batches = instruction_batches(windows, batch, _MAX_BATCHES.value or len(windows))
+        extent = {"validation_windows": len(windows)}
     elif "validation_tokens" in info:
         batches = sequential_batches(info["validation_tokens"], batch,
                                      config.model.block_size, _MAX_BATCHES.value)

@@ -214,9 +214,23 @@ def test_instruction_split_and_bits_per_byte_normaliser(tmp_path):
     cfg.path, cfg.validation_fraction = str(path), 0.1
     data = load_instructions(cfg, Tokenizer("byte"), 64, seed=0)
     # Held out: the last 2 examples; bytes per trained token: completion bytes / (tokens).
-    assert data.validation["loss_mask"].sum() == len("number 18") + len("number 19")
+    trained = lambda windows: sum(windows[i]["loss_mask"].sum() for i in range(len(windows)))
+    assert trained(data.validation) == len("number 18") + len("number 19")
     assert data.bytes_per_token == pytest.approx(1.0)
-    assert data.train["loss_mask"].sum() == sum(len(f"number {i}") for i in range(18))
+    assert trained(data.train) == sum(len(f"number {i}") for i in range(18))
+    # prepared once into the cache: read from there again, windows in the same order; packed
+    # as `pack` packs the examples in memory
+    again = load_instructions(cfg, Tokenizer("byte"), 64, seed=0)
+    assert again.train.directory == data.train.directory
+    examples = read_jsonl(path, Tokenizer("byte"))
+    order = np.random.default_rng(0).permutation(18)
+    packed = pack([examples[i] for i in order], 64)
+    assert len(data.train) == len(packed["inputs"])
+    for i in range(len(data.train)):
+        for key, value in data.train[i].items():
+            np.testing.assert_array_equal(value, packed[key][i])
+    other_seed = load_instructions(cfg, Tokenizer("byte"), 64, seed=1)
+    assert other_seed.train.directory != data.train.directory
 
 
 def test_instruction_data_trains_and_evaluates(tmp_path, env):

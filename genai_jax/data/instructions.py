@@ -12,6 +12,12 @@ The last `data.validation_fraction` of the lines are held out. Examples are shuf
 window carries `segment_ids` (1, 2, ... per example, 0 for padding) so that attention never
 crosses examples, `positions` that restart at 0 for each example, and a `loss_mask` (1 where the
 target is a completion token). An example longer than a window is cut to the window.
+
+The windows are written once into the cache (`genai_jax.data.cache`: keyed by the file's
+content, the tokenizer, the block size, the seed and the held-out fraction) and read from there
+by index (`PackedWindows`): the examples are tokenised line by line into a scratch ArrayRecord
+file, then packed in the shuffled order by random access to it, so neither the examples nor the
+windows are ever all in memory.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ import pathlib
 import numpy as np
 from absl import logging
 
-from genai_jax.data.loader import Batches, Rows, epochs
+from genai_jax.data import cache, prepare, shards
+from genai_jax.data.loader import Batches, epochs
 from genai_jax.errors import DataError
 
 FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
@@ -39,10 +46,26 @@ class Example:
 def read_jsonl(path: str | pathlib.Path, tokenizer) -> list[Example]:
     """Every line of the JSONL file at `path` as an Example; a bad line is one DataError that
     names its number."""
+    examples = list(_read_examples(_jsonl_file(path), tokenizer))
+    _check_count(path, len(examples))
+    return examples
+
+
+def _jsonl_file(path: str | pathlib.Path) -> pathlib.Path:
     path = pathlib.Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"data.path {str(path)!r} is not a file (instruction data is JSONL)")
-    examples = []
+    return path
+
+
+def _check_count(path, count: int) -> None:
+    if count < 2:
+        raise DataError(f"{path} has {count} examples; it needs at least 2 (one to train on, "
+                        "one held out)")
+
+
+def _read_examples(path: pathlib.Path, tokenizer):
+    """The Examples of the lines of `path`, one at a time."""
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -52,11 +75,7 @@ def read_jsonl(path: str | pathlib.Path, tokenizer) -> list[Example]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where} is not JSON ({e.msg})") from None
-            examples.append(_example(record, tokenizer, where))
-    if len(examples) < 2:
-        raise DataError(f"{path} has {len(examples)} examples; it needs at least 2 (one to "
-                        "train on, one held out)")
-    return examples
+            yield _example(record, tokenizer, where)
 
 
 def _example(record, tokenizer, where: str) -> Example:
@@ -110,70 +129,165 @@ def _conversation(messages: list, tokenizer, where: str) -> Example:
 
 def pack(examples: list[Example], block_size: int) -> dict[str, np.ndarray]:
     """Greedy packing, in order, into `[windows, block_size]` arrays of FIELDS."""
-    windows, current, fill = [], [], 0
-    cut = 0
+    counts = {"examples": 0, "cut": 0}
+    windows = list(_windows(examples, block_size, counts))
+    _warn_cut(counts, block_size)
+    stacked = np.stack(windows) if windows else np.zeros((0, len(FIELDS), block_size), np.int32)
+    return _fields(stacked)
+
+
+def _windows(examples, block_size: int, counts: dict):
+    """Greedy packing of `examples`, in order: int32 `[len(FIELDS), block_size]` windows, one at
+    a time; `counts` counts the examples and those cut to a window."""
+    current, fill = [], 0
     for ex in examples:
+        counts["examples"] += 1
         n = min(len(ex.tokens) - 1, block_size)  # (input, target) pairs
         if n <= 0:
             continue
-        cut += len(ex.tokens) - 1 > block_size
+        counts["cut"] += len(ex.tokens) - 1 > block_size
         if fill + n > block_size:
-            windows.append(current)
+            yield _window(current, block_size)
             current, fill = [], 0
         current.append((ex, n))
         fill += n
     if current:
-        windows.append(current)
-    if cut:
-        logging.warning("%d of %d examples are longer than model.block_size=%d and were cut",
-                        cut, len(examples), block_size)
-    out = {k: np.zeros((len(windows), block_size), np.float32 if k == "loss_mask" else np.int32)
-           for k in FIELDS}
-    for w, window in enumerate(windows):
-        at = 0
-        for segment, (ex, n) in enumerate(window, 1):
-            row = slice(at, at + n)
-            out["inputs"][w, row] = ex.tokens[:n]
-            out["targets"][w, row] = ex.tokens[1:n + 1]
-            out["loss_mask"][w, row] = ex.trained[1:n + 1]
-            out["segment_ids"][w, row] = segment
-            out["positions"][w, row] = np.arange(n)
-            at += n
+        yield _window(current, block_size)
+
+
+def _window(parts: list[tuple[Example, int]], block_size: int) -> np.ndarray:
+    out = np.zeros((len(FIELDS), block_size), np.int32)
+    inputs, targets, loss_mask, segment_ids, positions = out
+    at = 0
+    for segment, (ex, n) in enumerate(parts, 1):
+        row = slice(at, at + n)
+        inputs[row], targets[row] = ex.tokens[:n], ex.tokens[1:n + 1]
+        loss_mask[row] = ex.trained[1:n + 1]
+        segment_ids[row], positions[row] = segment, np.arange(n)
+        at += n
     return out
 
 
-def packed_batches(windows: dict[str, np.ndarray], batch_size: int, seed: int) -> Batches:
-    """Batches of packed windows, epoch by epoch in a fresh seeded order (a pure function of
-    (seed, step), like every training pipeline, so resumed runs see the same batches)."""
-    return Batches(epochs(Rows(windows), seed), batch_size)
+def _fields(windows: np.ndarray) -> dict[str, np.ndarray]:
+    """int32 `[..., len(FIELDS), block]` -> {field: `[..., block]`} (the loss mask float32)."""
+    return {k: windows[..., i, :].astype(np.float32 if k == "loss_mask" else np.int32)
+            for i, k in enumerate(FIELDS)}
+
+
+def _warn_cut(counts: dict, block_size: int) -> None:
+    if counts["cut"]:
+        logging.warning("%d of %d examples are longer than model.block_size=%d and were cut",
+                        counts["cut"], counts["examples"], block_size)
+
+
+class PackedWindows(shards.Records):
+    """A Grain data source: the packed windows of one split of a prepared directory, read by
+    index (`source[i]` -> {field: `[block_size]`})."""
+
+    def __init__(self, directory: str | pathlib.Path, index: dict, split: str):
+        super().__init__(directory, index, split)
+        self.block_size = index["block_size"]
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        window = np.frombuffer(self._raw(index), np.int32)
+        if window.size != len(FIELDS) * self.block_size:
+            raise DataError(f"{self.directory} holds a window of {window.size} tokens, not "
+                            f"{len(FIELDS)} x {self.block_size}: delete it to prepare it again")
+        return _fields(window.reshape(len(FIELDS), self.block_size))
+
+
+def packed_batches(windows, batch_size: int, seed: int) -> Batches:
+    """Batches of packed windows (a data source, e.g. `PackedWindows`), epoch by epoch in a
+    fresh seeded order (a pure function of (seed, step), like every training pipeline, so
+    resumed runs see the same batches)."""
+    return Batches(epochs(windows, seed), batch_size)
 
 
 @dataclasses.dataclass(frozen=True)
 class InstructionData:
-    train: dict[str, np.ndarray]
-    validation: dict[str, np.ndarray]
+    train: PackedWindows
+    validation: PackedWindows
     bytes_per_token: float  # completion bytes per trained token, held-out split
 
 
 def load_instructions(data_cfg, tokenizer, block_size: int, seed: int) -> InstructionData:
-    examples = read_jsonl(data_cfg.path, tokenizer)
-    n_val = max(1, int(round(len(examples) * data_cfg.validation_fraction)))
-    train, held_out = examples[:-n_val], examples[-n_val:]
-    if not train:
-        raise DataError(f"data.path {data_cfg.path} leaves no training examples after holding "
-                        f"out data.validation_fraction={data_cfg.validation_fraction}")
-    order = np.random.default_rng(seed).permutation(len(train))
-    trained_tokens = sum(int(ex.trained[1:].sum()) for ex in held_out)
-    return InstructionData(
-        pack([train[i] for i in order], block_size), pack(held_out, block_size),
-        sum(ex.completion_bytes for ex in held_out) / max(trained_tokens, 1))
+    """The packed windows of the JSONL at `data_cfg.path`, prepared into the cache on first
+    use."""
+    path = _jsonl_file(data_cfg.path)
+    fraction = data_cfg.validation_fraction
+    identity = {"instructions": cache.file_identity(path), "block_size": block_size,
+                "seed": seed, "validation_fraction": fraction, "format": PACKED_FORMAT}
+    fingerprint = shards.tokenizer_sha256(tokenizer)
+    directory = cache.prepared(identity, fingerprint, lambda out: _prepare(
+        path, tokenizer, fingerprint, block_size, seed, fraction, out))
+    index = shards.read_index(directory)
+    return InstructionData(PackedWindows(directory, index, "train"),
+                           PackedWindows(directory, index, "validation"),
+                           index["bytes_per_token"])
 
 
-def eval_batches(windows: dict[str, np.ndarray], batch_size: int, num_batches: int) -> list:
-    """The held-out windows in order, as whole batches (the last rows repeat the first ones
-    to fill the last batch); at most `num_batches`."""
-    n = len(windows["inputs"])
+PACKED_FORMAT = "genai_jax.packed_instructions/1"
+EXAMPLES = "examples.array_record"  # the scratch file of the tokenised examples
+
+
+def _prepare(path: pathlib.Path, tokenizer, fingerprint: str, block_size: int, seed: int,
+             fraction: float, out: pathlib.Path) -> None:
+    """Tokenise the examples of `path` into a scratch file, hold out the last `fraction` of
+    them, and write the training ones packed in a seeded order, and the held-out ones in order,
+    as records of int32 `[len(FIELDS), block_size]` windows; `index.json` last."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    out.mkdir(parents=True, exist_ok=True)
+    scratch = out / EXAMPLES
+    writer = ArrayRecordWriter(str(scratch), shards.WRITER_OPTIONS)
+    count = 0
+    for ex in _read_examples(path, tokenizer):
+        header = np.array([len(ex.tokens), ex.completion_bytes], np.int64).tobytes()
+        writer.write(header + ex.tokens.astype(np.int32).tobytes() +
+                     ex.trained.astype(np.uint8).tobytes())
+        count += 1
+    writer.close()
+    _check_count(path, count)
+    n_val = max(1, int(round(count * fraction)))
+    if count - n_val <= 0:
+        raise DataError(f"data.path {path} leaves no training examples after holding out "
+                        f"data.validation_fraction={fraction}")
+    examples = shards.ShardReader([str(scratch)])
+    read = lambda i: _decode_example(examples[int(i)])  # noqa: E731
+    order = np.random.default_rng(seed).permutation(count - n_val)
+    counts = {"examples": 0, "cut": 0}
+    splits = {}
+    for split, indices in (("train", order), ("validation", range(count - n_val, count))):
+        name = f"{split}-00000.array_record"
+        windows = prepare.write_records(out / name, (
+            w.tobytes() for w in _windows(map(read, indices), block_size, counts)))
+        splits[split] = {"shards": [{"file": name, "records": windows}], "records": windows}
+    _warn_cut(counts, block_size)
+    trained = completion_bytes = 0  # of the held-out examples: bits per byte's normaliser
+    for i in range(count - n_val, count):
+        ex = read(i)
+        trained += int(ex.trained[1:].sum())
+        completion_bytes += ex.completion_bytes
+    prepare.write_json(out / shards.INDEX, {
+        "format": shards.FORMAT, "kind": "instruction_windows", "packing": PACKED_FORMAT,
+        "block_size": block_size, "examples": count, "held_out_examples": n_val,
+        "tokenizer_sha256": fingerprint, "splits": splits,
+        "bytes_per_token": completion_bytes / max(trained, 1)})
+    scratch.unlink()
+
+
+def _decode_example(record: bytes) -> Example:
+    n, completion_bytes = np.frombuffer(record, np.int64, 2)
+    tokens = np.frombuffer(record, np.int32, int(n), 16)
+    trained = np.frombuffer(record, np.uint8, int(n), 16 + 4 * int(n)).astype(bool)
+    return Example(tokens, trained, int(completion_bytes))
+
+
+def eval_batches(windows, batch_size: int, num_batches: int) -> list:
+    """The held-out windows (a data source) in order, as whole batches (the last rows repeat
+    the first ones to fill the last batch); at most `num_batches`."""
+    n = len(windows)
     count = min(num_batches, -(-n // batch_size))
-    rows = np.arange(count * batch_size) % n
-    return [{k: v[rows[i * batch_size:(i + 1) * batch_size]] for k, v in windows.items()}
-            for i in range(count)]
+    rows = [windows[int(i)] for i in np.arange(count * batch_size) % n]
+    return [{k: np.stack([r[k] for r in rows[i * batch_size:(i + 1) * batch_size]])
+             for k in FIELDS} for i in range(count)]

@@ -203,7 +203,7 @@ def _prepare(units: list, out: pathlib.Path, settings: dict, processes: int, tok
     if todo:
         log(f"prepared {size / 1e6:.1f} MB in {seconds:.1f} s ({size / 1e6 / seconds:.1f} MB/s)")
     index = _index(out, units, tokenizer, eos, settings)
-    _write_json(out / shards.INDEX, index)
+    write_json(out / shards.INDEX, index)
     return index
 
 
@@ -221,7 +221,7 @@ def _claim(out: pathlib.Path, settings: dict) -> None:
     if out.exists() and any(out.iterdir()):
         raise DataError(f"--out {out} is not empty and holds no preparation: use a new --out")
     (out / PROGRESS).mkdir(parents=True, exist_ok=True)
-    _write_json(record, settings)
+    write_json(record, settings)
 
 
 def _units(inputs: list[pathlib.Path], unit_bytes: int, fraction: float) -> list[Unit]:
@@ -411,7 +411,7 @@ def _prepare_unit(unit, out: pathlib.Path, tokenizer, eos: int | None,
         n_bytes = sum(len(d) for d in documents) + len(documents) * len(end)
         counts[split] = {"file": name, "tokens": tokens, "bytes": n_bytes,
                          "documents": len(documents) if ends else 0}
-    _write_json(out / PROGRESS / f"{unit.number:05d}.json", {"unit": unit.key(), **counts})
+    write_json(out / PROGRESS / f"{unit.number:05d}.json", {"unit": unit.key(), **counts})
     return sum(len(d) for d in train + validation)
 
 
@@ -437,7 +437,7 @@ def _write_token_records(path: pathlib.Path, pieces, dtype: np.dtype) -> int:
             total += count
             yield np.concatenate(held).tobytes()
 
-    _write_records(path, records())
+    write_records(path, records())
     return total
 
 
@@ -450,7 +450,7 @@ def _write_raw(path: pathlib.Path, documents: list[bytes], ends_document: bool) 
         for i, piece in enumerate(pieces):
             ends = i == len(pieces) - 1 and ends_document
             records.append((b"\1" if ends else b"\0") + piece)
-    _write_records(path, records)
+    write_records(path, records)
     return {"file": path.name, "records": len(records),
             "bytes": sum(len(d) for d in documents) + sum(r[0] for r in records),
             "documents": sum(r[0] for r in records), "tokens": 0}
@@ -470,7 +470,7 @@ def _pieces(doc: bytes) -> list[bytes]:
     return pieces
 
 
-def _write_records(path: pathlib.Path, records) -> int:
+def write_records(path: pathlib.Path, records) -> int:
     """Write the byte strings `records` to the ArrayRecord file `path`, which appears (by a
     rename) only once complete; returns how many there were."""
     from array_record.python.array_record_module import ArrayRecordWriter
@@ -486,7 +486,7 @@ def _write_records(path: pathlib.Path, records) -> int:
     return count
 
 
-def _write_json(path: pathlib.Path, value) -> None:
+def write_json(path: pathlib.Path, value) -> None:
     """`value` as JSON at `path`, which appears (by a rename) only once complete."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(value, indent=1) + "\n")
@@ -594,7 +594,7 @@ def prepare_images(inputs: list[pathlib.Path], out: pathlib.Path, *,
              "num_classes": len(names), "label_names": list(names),
              "validation_fraction": validation_fraction, "splits": index_splits,
              "inputs": settings["inputs"]}
-    _write_json(out / shards.INDEX, index)
+    write_json(out / shards.INDEX, index)
     return index
 
 
@@ -648,8 +648,8 @@ def _prepare_image_unit(unit, out: pathlib.Path, shape) -> None:
         shape = [*images.shape[1:], 1]
     else:  # items: (image file, label): the file's bytes, decoded when a batch reads them
         records = (_image_record(label, _checked_image_file(path)) for path, label in items)
-    _write_records(out / name, records)
-    _write_json(out / PROGRESS / f"{number:05d}.json",
+    write_records(out / name, records)
+    write_json(out / PROGRESS / f"{number:05d}.json",
                 {"file": name, "records": len(items), "shape": shape})
 
 

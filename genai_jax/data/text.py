@@ -20,11 +20,8 @@ validation tail).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
-import json
 import os
 import pathlib
 
@@ -32,7 +29,7 @@ import numpy as np
 from absl import logging
 
 from genai_jax import paths
-from genai_jax.data import prepare, shards
+from genai_jax.data import cache, prepare, shards
 from genai_jax.tokenization.tokenizers import (
     AnyTokenizer,
     DataError,
@@ -43,10 +40,6 @@ from genai_jax.tokenization.tokenizers import (
 
 # Canaries (`genai_jax.data.private`) are written in digits the text may lack.
 CANARY_CHARACTERS = " 0123456789INPmsy"
-# A file up to this size is identified by a digest of all of it, a larger one by its size,
-# modification time and a digest of its first and last SAMPLE_BYTES.
-DIGEST_BYTES = 64 << 20
-SAMPLE_BYTES = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,45 +79,21 @@ def prepared_text(data_cfg, tokenizer: AnyTokenizer | None = None) -> pathlib.Pa
     if data_cfg.name == "text_file":
         path = _text_file(data_cfg.path)
         fraction = data_cfg.validation_fraction
-        identity = {"file": _file_identity(path), "validation_fraction": fraction}
-        write = lambda out, tok: prepare.prepare_text(  # noqa: E731
-            [path], out, spec, validation_fraction=fraction, tokenizer=tok,
+        identity = {"file": cache.file_identity(path), "validation_fraction": fraction}
+        write = lambda out: prepare.prepare_text(  # noqa: E731
+            [path], out, spec, validation_fraction=fraction, tokenizer=tokenizer,
             extra_characters=extra, log=log)
     else:
         sources, identity = _tfds_sources(data_cfg)
-        write = lambda out, tok: prepare.prepare_documents(  # noqa: E731
-            sources, f"data set {data_cfg.name!r}", out, spec, tokenizer=tok,
+        write = lambda out: prepare.prepare_documents(  # noqa: E731
+            sources, f"data set {data_cfg.name!r}", out, spec, tokenizer=tokenizer,
             extra_characters=extra, log=log)
     identity = {**identity, "tokenizer": spec, "extra_characters": extra,
                 "format": shards.FORMAT}
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
-    # A tokenizer built from the data (char, bpe) is known only once built: a preparation
-    # that built one is found by the key alone, and reused by a run holding the same one.
     fingerprint = None if tokenizer is None else shards.tokenizer_sha256(tokenizer)
-    root = paths.cache_dir() / "tokens"
-    names = [key] if fingerprint is None else [key, f"{key}-{fingerprint[:16]}"]
-    for name in names:
-        index = root / name / shards.INDEX
-        if index.is_file() and fingerprint in (None, json.loads(index.read_text())
-                                               .get("tokenizer_sha256")):
-            return root / name
-    out = root / names[-1]
-    with _locked(root / f"{names[-1]}.lock"):  # one preparation at a time (several processes)
-        if not (out / shards.INDEX).is_file():
-            log(f"tokenising into {out} (once: later runs read it from there)")
-            write(out, tokenizer)
-    return out
-
-
-@contextlib.contextmanager
-def _locked(path: pathlib.Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
+    directory = cache.prepared(identity, fingerprint, write)
+    log(f"tokens read from {directory} (tokenised there once)")
+    return directory
 
 
 def _describe(data_cfg) -> str:
@@ -142,25 +111,6 @@ def _text_file(path: str) -> pathlib.Path:
     if size == 0 or (size < 1 << 16 and not p.read_bytes().strip()):
         raise DataError(f"data.path {path!r} is empty")
     return p
-
-
-def _file_identity(path: pathlib.Path) -> dict:
-    """What a file's tokens depend on: its path and a digest of its content (of a large file:
-    its size, modification time and a digest of its ends)."""
-    stat = path.stat()
-    digest = hashlib.blake2b(digest_size=16)
-    with path.open("rb") as f:
-        if stat.st_size <= DIGEST_BYTES:
-            while block := f.read(1 << 20):
-                digest.update(block)
-            identity = {}
-        else:
-            digest.update(f.read(SAMPLE_BYTES))
-            f.seek(stat.st_size - SAMPLE_BYTES)
-            digest.update(f.read(SAMPLE_BYTES))
-            identity = {"mtime_ns": stat.st_mtime_ns}
-    return {"path": str(path.resolve()), "bytes": stat.st_size, "digest": digest.hexdigest(),
-            **identity}
 
 
 class _Texts:
