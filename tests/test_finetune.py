@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from genai_jax.config_checks import ConfigError
-from genai_jax.data.instructions import load_instructions, pack, read_jsonl
+from genai_jax.data.instructions import load_instructions, new_tokenizer, pack, read_jsonl
 from genai_jax.models.transformer import Transformer, TransformerConfig
 from genai_jax.tokenization.tokenizers import DataError, Tokenizer
 from genai_jax.train import train
@@ -231,6 +231,14 @@ def test_instruction_split_and_bits_per_byte_normaliser(tmp_path):
             np.testing.assert_array_equal(value, packed[key][i])
     other_seed = load_instructions(cfg, Tokenizer("byte"), 64, seed=1)
     assert other_seed.train.directory != data.train.directory
+
+
+def test_instruction_tokenizer_is_built_line_by_line(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "héllo ", "completion": "wörld"}] * 3)
+    assert set(new_tokenizer("char", path).chars) == set(path.read_text())
+    path.write_bytes(path.read_bytes() + b'{"prompt": "\xff"}\n')
+    with pytest.raises(DataError, match="d.jsonl line 4 is not UTF-8"):
+        new_tokenizer("char", path)
 
 
 def test_instruction_data_trains_and_evaluates(tmp_path, env):

@@ -6,12 +6,14 @@ from __future__ import annotations
 import gzip
 import json
 import pathlib
+import pickle
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from genai_jax.data import DataError, toys
+from genai_jax import paths
+from genai_jax.data import DataError, image_sources, toys
 from genai_jax.data.image_sources import read_idx
 from genai_jax.data.images import eval_batches, image_batches, load_images
 from genai_jax.data.loader import Rows
@@ -66,12 +68,24 @@ def test_idx_folder_one_pair_splits_9_to_1(tmp_path):
     _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", y[:20])
     data = load_images(image_data_config("mnist_idx", path=str(tmp_path)))
     assert (len(data.train), len(data.validation)) == (20, 50)
-    # an uncompressed file is memory-mapped, not read whole; a cut one is one line
+    # a file is memory-mapped, not read whole (a gzipped one decompressed once into the
+    # cache), in each process that reads it: a worker receives the file's name, not its rows
     plain = tmp_path / "plain-images-idx3-ubyte"
     _write_idx(plain, x)
     mapped = read_idx(plain)
-    assert isinstance(mapped, np.memmap)
+    assert isinstance(mapped, image_sources.MappedRows) and mapped.path == str(plain)
     np.testing.assert_array_equal(mapped, x)
+    unzipped = read_idx(tmp_path / "t10k-images-idx3-ubyte.gz")
+    assert pathlib.Path(unzipped.path).is_relative_to(paths.cache_dir())
+    split = data.validation
+    assert isinstance(split.x, image_sources.MappedRows)
+    assert x[0].tobytes() not in pickle.dumps(split)  # no pixels in what a worker receives
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(split)).get(np.arange(5))["x"],
+                                  split.get(np.arange(5))["x"])
+    (tmp_path / "cut-images-idx3-ubyte.gz").write_bytes(
+        (tmp_path / "t10k-images-idx3-ubyte.gz").read_bytes()[:-20])
+    with pytest.raises(DataError, match="cut-images-idx3-ubyte.gz is not a whole gzip file"):
+        read_idx(tmp_path / "cut-images-idx3-ubyte.gz")
     plain.write_bytes(plain.read_bytes()[:-7])
     with pytest.raises(DataError, match="declares shape .50, 6, 5. but holds 1493 values"):
         read_idx(plain)
@@ -104,8 +118,6 @@ def test_image_files_are_decoded_when_read_and_by_the_data_workers(tmp_path, mon
     """An image folder is scanned by headers; its pixels are decoded when a batch reads them:
     by the worker processes when there are some (this process's decoder is broken here)."""
     from PIL import Image
-
-    from genai_jax.data import image_sources
 
     rng = np.random.default_rng(0)
     pictures = rng.integers(0, 256, (24, 4, 6, 3), np.uint8)

@@ -8,6 +8,8 @@
     with `*-labels-idx1-ubyte[.gz]`). With `train-*` and `t10k-*` files those are the splits;
     with one pair, its first `1 - validation_fraction` images train and the rest are held out
     (MNIST's 10k test file: 9,000 / 1,000).
+    Memory-mapped (`MappedRows`) by each process that reads them; a gzipped
+    file is decompressed once into the cache.
   - "image_folder": PNG/JPEG files under `data.path`, all of one size; images in class
     subfolders are labelled by the sorted subfolder names. An image is held out when a hash of
     its relative path falls in the last `validation_fraction` of the buckets.
@@ -119,26 +121,88 @@ def _data_dir(data_cfg) -> str | None:
     return os.path.expanduser(data_cfg.data_dir) if data_cfg.data_dir else None
 
 
-def read_idx(path: pathlib.Path) -> np.ndarray:
-    """An IDX file as a numpy array of its declared shape: memory-mapped (read as rows are
-    used, never held whole) when uncompressed; a gzipped file is decompressed into memory."""
+def read_idx(path: pathlib.Path) -> MappedRows:
+    """An IDX file's array of its declared shape, memory-mapped (read as rows are used, never
+    held whole); a gzipped file is decompressed once into the cache and mapped there."""
+    source = path
     if path.suffix == ".gz":
-        with gzip.open(path, "rb") as f:
-            raw = f.read()
-    else:
-        with open(path, "rb") as f:
-            raw = f.read(4 + 4 * 255)  # the header: at most 255 dimensions
+        path = _gunzipped(path)
+    with open(path, "rb") as f:
+        raw = f.read(4 + 4 * 255)  # the header: at most 255 dimensions
     if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08:
-        raise DataError(f"{path} is not an unsigned-byte IDX file")
+        raise DataError(f"{source} is not an unsigned-byte IDX file")
     ndim = raw[3]
     shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
     header, size = 4 + 4 * ndim, int(np.prod(shape))
-    held = (len(raw) if path.suffix == ".gz" else path.stat().st_size) - header
+    held = path.stat().st_size - header
     if held != size:
-        raise DataError(f"{path} declares shape {shape} but holds {held} values")
-    if path.suffix == ".gz":
-        return np.frombuffer(raw, np.uint8, offset=header).reshape(shape)
-    return np.memmap(path, np.uint8, mode="r", offset=header, shape=shape)
+        raise DataError(f"{source} declares shape {shape} but holds {held} values")
+    return MappedRows(str(path), header, shape)
+
+
+def _gunzipped(path: pathlib.Path) -> pathlib.Path:
+    """The decompressed copy of the gzipped file `path` in the cache (made on first use)."""
+    import shutil
+
+    from genai_jax.data import cache, prepare
+
+    def write(out: pathlib.Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f"{path.stem}.tmp"
+        try:
+            with gzip.open(path, "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        except (OSError, EOFError) as e:
+            raise DataError(f"{path} is not a whole gzip file ({e})") from None
+        tmp.rename(out / path.stem)
+        prepare.write_json(out / shards.INDEX, {"format": shards.FORMAT, "kind": "gunzipped",
+                                                "source": str(path.resolve())})
+
+    return cache.prepared({"gunzip": cache.file_identity(path)}, None, write) / path.stem
+
+
+class MappedRows:
+    """Rows `[start, stop)` of an uncompressed IDX file's uint8 array, memory-mapped by each
+    process that reads them (a data worker maps the file again rather than receiving a copy):
+    `rows[i]` / `rows[indices]` -> numpy, `rows[a:b]` -> MappedRows; `channel` appends an axis
+    of 1 (grey images `[H, W]` -> `[H, W, 1]`)."""
+
+    def __init__(self, path: str, offset: int, shape: tuple, start: int = 0,
+                 stop: int | None = None, channel: bool = False):
+        self.path, self.offset, self.whole = path, offset, tuple(shape)
+        self.start, self.stop = start, self.whole[0] if stop is None else stop
+        self.channel, self._map = channel, None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_map": None}
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def shape(self) -> tuple:
+        return (len(self), *self.whole[1:], *((1,) if self.channel else ()))
+
+    def with_channel(self) -> MappedRows:
+        return MappedRows(self.path, self.offset, self.whole, self.start, self.stop, True)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                raise ValueError("mapped rows are sliced contiguously")
+            return MappedRows(self.path, self.offset, self.whole, self.start + start,
+                              self.start + max(stop, start), self.channel)
+        if self._map is None:
+            self._map = np.memmap(self.path, np.uint8, mode="r", offset=self.offset,
+                                  shape=self.whole)
+        rows = np.array(self._map[self.start:self.stop][index])
+        return rows[..., None] if self.channel else rows
+
+    def __array__(self, dtype=None, copy=None):
+        """Every row (small arrays: labels; tests)."""
+        rows = self[np.arange(len(self))]
+        return rows if dtype is None else rows.astype(dtype)
 
 
 def mnist_idx(data_cfg) -> tuple[ArraySource, ArraySource, tuple[str, ...]]:
@@ -153,7 +217,7 @@ def mnist_idx(data_cfg) -> tuple[ArraySource, ArraySource, tuple[str, ...]]:
         if len(x) != len(y):
             raise DataError(f"{images.name} has {len(x)} images but {labels[0].name} has "
                             f"{len(y)} labels")
-        pairs[prefix] = ArraySource(x[..., None], y.astype(np.int32))
+        pairs[prefix] = ArraySource(x.with_channel(), np.asarray(y, np.int32))
     if not pairs:
         raise DataError(f"data.path {str(folder)!r} holds no *-images-idx3-ubyte[.gz] files")
     if "train" in pairs and "t10k" in pairs:

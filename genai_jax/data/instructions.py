@@ -51,6 +51,33 @@ def read_jsonl(path: str | pathlib.Path, tokenizer) -> list[Example]:
     return examples
 
 
+def new_tokenizer(spec: str, path: str | pathlib.Path):
+    """The tokenizer `spec` names for the instruction data at `path`: a character vocabulary of
+    the file's characters, a BPE learnt from its first `prepare.BPE_SAMPLE_BYTES` (the file is
+    read line by line, never whole); the others need no data."""
+    from genai_jax.tokenization import make_tokenizer, parse_spec
+
+    path, kind = _jsonl_file(path), parse_spec(spec)[0]
+    source, sample = f"data file {path}", b""
+    if kind in ("char", "bpe"):
+        chars, lines, size = set(), [], 0
+        with path.open("rb") as f:
+            for number, line in enumerate(f, 1):
+                if kind == "bpe":
+                    if size >= prepare.BPE_SAMPLE_BYTES:
+                        break
+                    lines.append(line)
+                    size += len(line)
+                    continue
+                try:
+                    chars |= set(line.decode("utf-8"))
+                except UnicodeDecodeError:
+                    raise DataError(f"{path} line {number} is not UTF-8 text; use "
+                                    "data.tokenizer='byte'") from None
+        sample = b"".join(lines) if kind == "bpe" else "".join(sorted(chars)).encode("utf-8")
+    return make_tokenizer(spec, sample, source)
+
+
 def _jsonl_file(path: str | pathlib.Path) -> pathlib.Path:
     path = pathlib.Path(path).expanduser()
     if not path.is_file():

@@ -148,8 +148,7 @@ def _unit_batches(config, units, batch_multiple: int, augment=None) -> Batches:
 def _instruction_pipeline(config, tokenizer, eval_batch: int) -> Pipeline:
     """Packed instruction windows (`genai_jax.data.instructions`) from the JSONL at data.path."""
     if tokenizer is None:
-        raw = pathlib.Path(config.data.path).expanduser().read_bytes()
-        tokenizer = make_tokenizer(config.data.tokenizer, raw, f"data file {config.data.path}")
+        tokenizer = instructions.new_tokenizer(config.data.tokenizer, config.data.path)
     data = instructions.load_instructions(config.data, tokenizer, config.model.block_size,
                                           config.seed)
     return Pipeline(
