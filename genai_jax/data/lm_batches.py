@@ -53,25 +53,22 @@ class WindowExamples(grain.MapDataset):
             seq = _slices(tokens, offsets, block + 1).astype(np.int32)
             return {"inputs": seq[:, :-1], "targets": seq[:, 1:]}
         # Packed: one read per window of [offset - 1, offset + 2 block + 1), which holds the
-        # block before the window's first document start and the window from there.
+        # block before the window's first document start and the window from there. A window
+        # moves to the first document start in [offset, offset + block): after an
+        # end-of-document token in `[offset - 1, offset + block - 1)` (or at 0); with none
+        # there, it starts mid-document.
         span = min(2 * block + 2, n)
         first = np.clip(offsets - 1, 0, n - span)
         spans = _slices(tokens, first, span)
-        windows = []
-        for o, f, seq in zip(offsets.tolist(), first.tolist(), spans, strict=True):
-            start = self._document_start(seq[max(o - 1, 0) - f:o + block - 1 - f], o)
-            windows.append(packed_window(seq, start - f, block, self._end))
-        return {k: np.stack([w[k] for w in windows]) for k in windows[0]}
-
-    def _document_start(self, ahead: np.ndarray, offset: int) -> int:
-        """The first document start in [offset, offset + block) (`ahead`: tokens
-        `[offset - 1, offset + block - 1)`): a document starts after an end-of-document token
-        (or at 0); with none there, the window starts mid-document."""
-        ends = np.flatnonzero(ahead == self._end)
-        if offset and len(ends):
-            offset = min(max(offset - 1, 0) + int(ends[0]) + 1,
-                         len(self._tokens) - self._block - 1)
-        return offset
+        ahead = np.maximum(offsets - 1, 0) - first  # where that range starts in the span
+        columns = np.arange(span)
+        inside = (columns >= ahead[:, None]) & (columns < (offsets + block - 1 - first)[:, None])
+        ends = inside & (spans == self._end)
+        moved = ends.any(axis=1) & (offsets > 0)
+        starts = np.where(moved, np.minimum(first + ends.argmax(axis=1) + 1, n - block - 1),
+                          offsets)
+        seq = np.take_along_axis(spans, (starts - first)[:, None] + np.arange(block + 1), 1)
+        return packed_windows(seq.astype(np.int32), self._end)
 
 
 def _slices(tokens, starts: np.ndarray, length: int) -> np.ndarray:
@@ -188,14 +185,23 @@ def window(tokens, offset: int, block_size: int) -> dict:
 
 
 def packed_window(tokens, offset: int, block_size: int, end_of_document: int) -> dict:
-    out = window(tokens, offset, block_size)
-    ends = out["inputs"] == end_of_document
+    seq = np.asarray(tokens[offset:offset + block_size + 1]).astype(np.int32)
+    return {k: v[0] for k, v in packed_windows(seq[None], end_of_document).items()}
+
+
+def packed_windows(seq: np.ndarray, end_of_document: int) -> dict:
+    """The packed windows of int32 `seq` `[n, block_size + 1]` (inputs, then the last target):
+    each `[n, block_size]`."""
+    inputs, targets = seq[:, :-1], seq[:, 1:]
+    ends = inputs == end_of_document
     # A document's end-of-document token is its last: the segment changes after it.
-    segment = np.concatenate([[0], np.cumsum(ends[:-1])]).astype(np.int32)
-    starts = np.flatnonzero(np.diff(segment, prepend=-1))
-    positions = np.arange(block_size) - starts[segment]
-    return {**out, "loss_mask": (~ends).astype(np.float32), "segment_ids": segment + 1,
-            "positions": positions.astype(np.int32)}
+    segment = np.concatenate([np.zeros((len(seq), 1), np.int32),
+                              np.cumsum(ends[:, :-1], axis=1, dtype=np.int32)], axis=1)
+    columns = np.arange(seq.shape[1] - 1)
+    first = np.diff(segment, axis=1, prepend=-1) != 0  # a segment's first column
+    positions = columns - np.maximum.accumulate(np.where(first, columns, 0), axis=1)
+    return {"inputs": inputs, "targets": targets, "loss_mask": (~ends).astype(np.float32),
+            "segment_ids": segment + 1, "positions": positions.astype(np.int32)}
 
 
 def windows(tokens, batch_size: int, block_size: int, seed: int,
