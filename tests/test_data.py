@@ -56,6 +56,27 @@ def test_a_file_of_one_line_splits_at_a_character(tmp_path):
     assert data.tokenizer.decode(data.train[:]) == "é" * 900
 
 
+def test_a_text_file_is_one_document_whatever_its_suffix_and_bad_input_leaves_no_cache(
+        tmp_path):
+    from genai_jax import paths
+
+    notes = tmp_path / "notes.json"  # not JSONL: one document of text
+    notes.write_text("".join(f"line {i} is not json\n" for i in range(100)))
+    data = load_text(tiny_lm_config(**{"data.path": str(notes)}).data)
+    assert data.tokenizer.decode(data.train[:]).startswith("line 0 is not json\nline 1")
+    # canaries' characters are in a char vocabulary built for them ("my PIN is 1 2 3")
+    canaries = load_text(tiny_lm_config(**{"data.path": str(notes), "data.canaries": 1}).data)
+    assert canaries.tokenizer.decode(canaries.tokenizer.encode("my PIN is 1 2 3")) == (
+        "my PIN is 1 2 3")
+    before = set((paths.cache_dir() / "tokens").iterdir())
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine text\n" * 50 + b"\xff\xfe\n")
+    with pytest.raises(DataError, match="bad.txt is not UTF-8 text"):
+        load_text(tiny_lm_config(**{"data.path": str(bad)}).data)
+    left = set((paths.cache_dir() / "tokens").iterdir()) - before
+    assert all(p.suffix == ".lock" for p in left)  # the failed preparation is gone
+
+
 def test_batches_are_a_function_of_seed_and_step(text_file):
     tokens = load_text(tiny_lm_config(**{"data.path": str(text_file)}).data).train
     a, b = windows(tokens, 8, 16, seed=3), windows(tokens, 8, 16, seed=3)

@@ -103,6 +103,12 @@ def test_interrupted_preparation_resumes_and_other_settings_are_refused(inputs, 
     with pytest.raises(DataError, match="not empty"):
         prepare.prepare_text(sorted(folder.iterdir()), tmp_path / "busy", "char")
     assert tree_digest(copy) == before
+    # killed while claiming the directory (its settings not yet renamed in): it starts afresh
+    (tmp_path / "claimed" / "progress").mkdir(parents=True)
+    (tmp_path / "claimed" / "progress" / "settings.json.tmp").write_text("{")
+    fresh = prepare.prepare_text(sorted(folder.iterdir()), tmp_path / "claimed", "char",
+                                 unit_bytes=4000, workers=1, log=lambda *_: None)
+    assert fresh["splits"] == index["splits"]
 
 
 def test_training_reads_the_shards_packed_through_workers(prepared, tmp_path):

@@ -11,9 +11,11 @@ import hashlib
 import json
 import os
 import pathlib
+import shutil
 
 from genai_jax import paths
 from genai_jax.data import shards
+from genai_jax.errors import DataError
 
 # A file up to this size is identified by a digest of all of it, a larger one by its size,
 # modification time and a digest of its first and last SAMPLE_BYTES.
@@ -38,7 +40,11 @@ def prepared(identity: dict, fingerprint: str | None, write) -> pathlib.Path:
     out = root / names[-1]
     with _locked(root / f"{names[-1]}.lock"):
         if not (out / shards.INDEX).is_file():
-            write(out)
+            try:
+                write(out)
+            except DataError:  # bad input: nothing worth resuming (a kill leaves it, to resume)
+                shutil.rmtree(out, ignore_errors=True)
+                raise
     return out
 
 

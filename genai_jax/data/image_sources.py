@@ -144,7 +144,7 @@ def _gunzipped(path: pathlib.Path) -> pathlib.Path:
     """The decompressed copy of the gzipped file `path` in the cache (made on first use)."""
     import shutil
 
-    from genai_jax.data import cache, prepare
+    from genai_jax.data import cache
 
     def write(out: pathlib.Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
@@ -155,7 +155,7 @@ def _gunzipped(path: pathlib.Path) -> pathlib.Path:
         except (OSError, EOFError) as e:
             raise DataError(f"{path} is not a whole gzip file ({e})") from None
         tmp.rename(out / path.stem)
-        prepare.write_json(out / shards.INDEX, {"format": shards.FORMAT, "kind": "gunzipped",
+        shards.write_json(out / shards.INDEX, {"format": shards.FORMAT, "kind": "gunzipped",
                                                 "source": str(path.resolve())})
 
     return cache.prepared({"gunzip": cache.file_identity(path)}, None, write) / path.stem

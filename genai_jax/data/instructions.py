@@ -262,18 +262,12 @@ def _prepare(path: pathlib.Path, tokenizer, fingerprint: str, block_size: int, s
     """Tokenise the examples of `path` into a scratch file, hold out the last `fraction` of
     them, and write the training ones packed in a seeded order, and the held-out ones in order,
     as records of int32 `[len(FIELDS), block_size]` windows; `index.json` last."""
-    from array_record.python.array_record_module import ArrayRecordWriter
-
     out.mkdir(parents=True, exist_ok=True)
     scratch = out / EXAMPLES
-    writer = ArrayRecordWriter(str(scratch), shards.WRITER_OPTIONS)
-    count = 0
-    for ex in _read_examples(path, tokenizer):
-        header = np.array([len(ex.tokens), ex.completion_bytes], np.int64).tobytes()
-        writer.write(header + ex.tokens.astype(np.int32).tobytes() +
-                     ex.trained.astype(np.uint8).tobytes())
-        count += 1
-    writer.close()
+    count = shards.write_records(scratch, (
+        np.array([len(ex.tokens), ex.completion_bytes], np.int64).tobytes()
+        + ex.tokens.astype(np.int32).tobytes() + ex.trained.astype(np.uint8).tobytes()
+        for ex in _read_examples(path, tokenizer)))
     _check_count(path, count)
     n_val = max(1, int(round(count * fraction)))
     if count - n_val <= 0:
@@ -286,7 +280,7 @@ def _prepare(path: pathlib.Path, tokenizer, fingerprint: str, block_size: int, s
     splits = {}
     for split, indices in (("train", order), ("validation", range(count - n_val, count))):
         name = f"{split}-00000.array_record"
-        windows = prepare.write_records(out / name, (
+        windows = shards.write_records(out / name, (
             w.tobytes() for w in _windows(map(read, indices), block_size, counts)))
         splits[split] = {"shards": [{"file": name, "records": windows}], "records": windows}
     _warn_cut(counts, block_size)
@@ -295,7 +289,7 @@ def _prepare(path: pathlib.Path, tokenizer, fingerprint: str, block_size: int, s
         ex = read(i)
         trained += int(ex.trained[1:].sum())
         completion_bytes += ex.completion_bytes
-    prepare.write_json(out / shards.INDEX, {
+    shards.write_json(out / shards.INDEX, {
         "format": shards.FORMAT, "kind": "instruction_windows", "packing": PACKED_FORMAT,
         "block_size": block_size, "examples": count, "held_out_examples": n_val,
         "tokenizer_sha256": fingerprint, "splits": splits,

@@ -23,6 +23,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import multiprocessing
 import os
@@ -103,10 +104,11 @@ class DocumentRange:
         return {"number": self.number, "split": self.split, "name": self.name,
                 "start": self.start, "end": self.end}
 
-    def documents(self, text_key: str, split_fraction: float | None
-                  ) -> tuple[list[bytes], list[bytes]]:
+    def documents(self, text_key: str, split_fraction: float | None) -> tuple:
+        """(train, validation): the range's documents, read one at a time as they are
+        iterated, in its split."""
         del text_key, split_fraction  # the source's documents are text, its split is fixed
-        docs = [self.source[i] for i in range(self.start, self.end)]
+        docs = _Documents(self.source, range(self.start, self.end))
         return (docs, []) if self.split == "train" else ([], docs)
 
     def ends_document(self, split: str) -> bool:
@@ -116,26 +118,46 @@ class DocumentRange:
         return f"{self.where} is not UTF-8 text"
 
 
+@dataclasses.dataclass(frozen=True)
+class _Documents:
+    """Documents of a random-access source, read one at a time as they are iterated."""
+
+    source: object
+    indices: range
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        return (self.source[i] for i in self.indices)
+
+
 DOCUMENTS_PER_UNIT = 16384
 
 
 def prepare_text(inputs: list[pathlib.Path], out: pathlib.Path, tokenizer_spec: str, *,
                  validation_fraction: float = 0.1, text_key: str = "text",
                  workers: int = 0, unit_bytes: int = UNIT_BYTES, tokenizer=None,
-                 extra_characters: str = "", log=print) -> dict:
-    """Prepare `inputs` into `out`; returns the index. `workers=0`: one per CPU core.
-    `tokenizer`: tokenise with this one (else one is made from `tokenizer_spec`, a character
-    vocabulary also holding `extra_characters`)."""
+                 extra_characters: str = "", single_document: bool = False,
+                 log=print) -> dict:
+    """Prepare `inputs` into `out`; returns the index. `workers=0`: one per CPU core (1: in
+    this process). `tokenizer`: tokenise with this one (else one is made from
+    `tokenizer_spec`, a character vocabulary also holding `extra_characters`).
+    `single_document`: every input is one document, whatever its suffix."""
     if not inputs:
         raise DataError("no input files")
-    _check(validation_fraction, tokenizer_spec)
+    if not 0.0 < validation_fraction < 1.0:
+        raise DataError(f"validation_fraction={validation_fraction} must be in (0, 1)")
+    _check_spec(tokenizer_spec)
     if unit_bytes < 1:
         raise DataError(f"work units of {unit_bytes} bytes: give a positive size")
     settings = {"tokenizer": tokenizer_spec, "validation_fraction": validation_fraction,
                 "text_key": text_key, "unit_bytes": unit_bytes,
                 "inputs": [{"path": str(p.resolve()), "bytes": p.stat().st_size}
                            for p in inputs]}
-    units = _units(inputs, unit_bytes, validation_fraction)
+    if single_document:
+        settings["single_document"] = True
+    units = _units(inputs, unit_bytes, validation_fraction, single_document)
     processes = min(workers or os.cpu_count() or 1, len(units))
     return _prepare(units, pathlib.Path(out).expanduser(), settings, processes, tokenizer,
                     extra_characters, log)
@@ -147,7 +169,7 @@ def prepare_documents(sources: dict[str, object], name: str, out: pathlib.Path,
     """Prepare the documents of random-access sources (`{split: source}`, `source[i]` -> a
     document's bytes; e.g. a TFDS data set's splits) into `out`, in this process; returns the
     index. `name` describes them in messages and in the index."""
-    _check(0.5, tokenizer_spec)
+    _check_spec(tokenizer_spec)
     settings = {"tokenizer": tokenizer_spec, "validation_fraction": None, "text_key": None,
                 "inputs": [{"path": f"{name}:{split}", "documents": len(source)}
                            for split, source in sources.items()]}
@@ -160,9 +182,7 @@ def prepare_documents(sources: dict[str, object], name: str, out: pathlib.Path,
                     extra_characters, log)
 
 
-def _check(validation_fraction: float, tokenizer_spec: str) -> None:
-    if not 0.0 < validation_fraction < 1.0:
-        raise DataError(f"validation_fraction={validation_fraction} must be in (0, 1)")
+def _check_spec(tokenizer_spec: str) -> None:
     if tokenizer_spec != RAW:
         parse_spec(tokenizer_spec)
 
@@ -203,7 +223,7 @@ def _prepare(units: list, out: pathlib.Path, settings: dict, processes: int, tok
     if todo:
         log(f"prepared {size / 1e6:.1f} MB in {seconds:.1f} s ({size / 1e6 / seconds:.1f} MB/s)")
     index = _index(out, units, tokenizer, eos, settings)
-    write_json(out / shards.INDEX, index)
+    shards.write_json(out / shards.INDEX, index)
     return index
 
 
@@ -218,19 +238,22 @@ def _claim(out: pathlib.Path, settings: dict) -> None:
             raise DataError(f"--out {out} holds a preparation with other {', '.join(changed)}: "
                             "use a new --out, or the same settings to resume it")
         return
-    if out.exists() and any(out.iterdir()):
+    progress = out / PROGRESS
+    claimed = progress.is_dir() and all(p.name.endswith(".tmp") for p in progress.iterdir())
+    if out.exists() and any(p != progress or not claimed for p in out.iterdir()):
         raise DataError(f"--out {out} is not empty and holds no preparation: use a new --out")
     (out / PROGRESS).mkdir(parents=True, exist_ok=True)
-    write_json(record, settings)
+    shards.write_json(record, settings)
 
 
-def _units(inputs: list[pathlib.Path], unit_bytes: int, fraction: float) -> list[Unit]:
+def _units(inputs: list[pathlib.Path], unit_bytes: int, fraction: float,
+           single_document: bool = False) -> list[Unit]:
     units = []
     for path in inputs:
         size = path.stat().st_size
         if size == 0:
             raise DataError(f"input {path} is empty")
-        jsonl = path.suffix.lower() in JSONL_SUFFIXES
+        jsonl = not single_document and path.suffix.lower() in JSONL_SUFFIXES
         cut = -1 if jsonl else _cut(path, int(size * (1 - fraction)))
         bounds = [0]
         while bounds[-1] < size:
@@ -297,7 +320,7 @@ def _new_tokenizer(spec: str, units: list, text_key: str, fraction: float | None
 def _characters(unit, text_key: str) -> set[str]:
     train, validation = unit.documents(text_key, None)
     found = set()
-    for doc in train + validation:
+    for doc in itertools.chain(train, validation):
         found |= set(_utf8(doc, unit))
     return found
 
@@ -353,7 +376,8 @@ def _utf8(data: bytes, unit, at: int = 0) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{unit.not_utf8(at + e.start)}; use --tokenizer=byte") from None
+        raise DataError(f"{unit.not_utf8(at + e.start)}; use the byte tokenizer "
+                        "(--tokenizer=byte, data.tokenizer='byte')") from None
 
 
 def _encode(tokenizer, text: bytes, unit):
@@ -392,27 +416,31 @@ def _prepare_unit(unit, out: pathlib.Path, tokenizer, eos: int | None,
     if multiprocessing.parent_process() is not None:  # a worker: one process per core already
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     train, validation = unit.documents(text_key, fraction)
-    counts = {}
+    counts, text_bytes = {}, 0
     for split, documents in (("train", train), ("validation", validation)):
         name = f"{split}-{unit.number:05d}.array_record"
         ends = unit.ends_document(split)
         if tokenizer is None:
             counts[split] = _write_raw(out / name, documents, ends)
+            text_bytes += counts[split]["bytes"] - counts[split]["documents"]  # less the ends
             continue
         end = [np.array([eos], np.int32)] if ends and eos is not None else []
+        read = [0]  # bytes of the documents, counted as they are read
 
-        def pieces(documents=documents, end=end):
+        def pieces(documents=documents, end=end, read=read):
             for doc in documents:
+                read[0] += len(doc)
                 yield from _encode(tokenizer, doc, unit)
                 yield from end
         dtype = shards.token_dtype(tokenizer.vocab_size)
         tokens = _write_token_records(out / name, pieces(), dtype)
+        text_bytes += read[0]
         # the end-of-document token counted as one byte, as the byte tokenizer counts it
-        n_bytes = sum(len(d) for d in documents) + len(documents) * len(end)
-        counts[split] = {"file": name, "tokens": tokens, "bytes": n_bytes,
+        counts[split] = {"file": name, "tokens": tokens,
+                         "bytes": read[0] + len(documents) * len(end),
                          "documents": len(documents) if ends else 0}
-    write_json(out / PROGRESS / f"{unit.number:05d}.json", {"unit": unit.key(), **counts})
-    return sum(len(d) for d in train + validation)
+    shards.write_json(out / PROGRESS / f"{unit.number:05d}.json", {"unit": unit.key(), **counts})
+    return text_bytes
 
 
 def _write_token_records(path: pathlib.Path, pieces, dtype: np.dtype) -> int:
@@ -437,7 +465,7 @@ def _write_token_records(path: pathlib.Path, pieces, dtype: np.dtype) -> int:
             total += count
             yield np.concatenate(held).tobytes()
 
-    write_records(path, records())
+    shards.write_records(path, records())
     return total
 
 
@@ -450,7 +478,7 @@ def _write_raw(path: pathlib.Path, documents: list[bytes], ends_document: bool) 
         for i, piece in enumerate(pieces):
             ends = i == len(pieces) - 1 and ends_document
             records.append((b"\1" if ends else b"\0") + piece)
-    write_records(path, records)
+    shards.write_records(path, records)
     return {"file": path.name, "records": len(records),
             "bytes": sum(len(d) for d in documents) + sum(r[0] for r in records),
             "documents": sum(r[0] for r in records), "tokens": 0}
@@ -468,29 +496,6 @@ def _pieces(doc: bytes) -> list[bytes]:
         pieces.append(doc[at:end])
         at = end
     return pieces
-
-
-def write_records(path: pathlib.Path, records) -> int:
-    """Write the byte strings `records` to the ArrayRecord file `path`, which appears (by a
-    rename) only once complete; returns how many there were."""
-    from array_record.python.array_record_module import ArrayRecordWriter
-
-    tmp = path.with_name(path.name + ".tmp")
-    writer = ArrayRecordWriter(str(tmp), shards.WRITER_OPTIONS)
-    count = 0
-    for record in records:
-        writer.write(record)
-        count += 1
-    writer.close()
-    tmp.rename(path)
-    return count
-
-
-def write_json(path: pathlib.Path, value) -> None:
-    """`value` as JSON at `path`, which appears (by a rename) only once complete."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n")
-    tmp.rename(path)
 
 
 def _done(out: pathlib.Path, unit) -> bool:
@@ -514,7 +519,8 @@ def _index(out: pathlib.Path, units: list, tokenizer, eos: int | None,
     for split, info in splits.items():
         if info[keys[0]] < (1 if tokenizer is None else 2):
             raise DataError(f"the inputs give the {split} split {info[keys[0]]} {keys[0]}: "
-                            "give more text, or change --validation_fraction")
+                            "give more text, or change the validation fraction "
+                            "(--validation_fraction, data.validation_fraction)")
     if tokenizer is None:
         return {"format": shards.FORMAT, "kind": "raw_text", "tokenizer": RAW,
                 "validation_fraction": settings["validation_fraction"],
@@ -594,7 +600,7 @@ def prepare_images(inputs: list[pathlib.Path], out: pathlib.Path, *,
              "num_classes": len(names), "label_names": list(names),
              "validation_fraction": validation_fraction, "splits": index_splits,
              "inputs": settings["inputs"]}
-    write_json(out / shards.INDEX, index)
+    shards.write_json(out / shards.INDEX, index)
     return index
 
 
@@ -648,8 +654,8 @@ def _prepare_image_unit(unit, out: pathlib.Path, shape) -> None:
         shape = [*images.shape[1:], 1]
     else:  # items: (image file, label): the file's bytes, decoded when a batch reads them
         records = (_image_record(label, _checked_image_file(path)) for path, label in items)
-    write_records(out / name, records)
-    write_json(out / PROGRESS / f"{number:05d}.json",
+    shards.write_records(out / name, records)
+    shards.write_json(out / PROGRESS / f"{number:05d}.json",
                 {"file": name, "records": len(items), "shape": shape})
 
 

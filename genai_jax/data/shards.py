@@ -50,6 +50,29 @@ def tokenizer_sha256(tokenizer) -> str:
     return digest.hexdigest()
 
 
+def write_records(path: pathlib.Path, records) -> int:
+    """Write the byte strings `records` to the ArrayRecord file `path`, which appears (by a
+    rename) only once complete; returns how many there were."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    tmp = path.with_name(path.name + ".tmp")
+    writer = ArrayRecordWriter(str(tmp), WRITER_OPTIONS)
+    count = 0
+    for record in records:
+        writer.write(record)
+        count += 1
+    writer.close()
+    tmp.rename(path)
+    return count
+
+
+def write_json(path: pathlib.Path, value) -> None:
+    """`value` as JSON at `path`, which appears (by a rename) only once complete."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1) + "\n")
+    tmp.rename(path)
+
+
 def read_index(directory: str | pathlib.Path) -> dict:
     path = pathlib.Path(directory).expanduser() / INDEX
     if not path.is_file():

@@ -30,6 +30,7 @@ from absl import logging
 
 from genai_jax import paths
 from genai_jax.data import cache, prepare, shards
+from genai_jax.data.private import CANARY_PREFIX
 from genai_jax.tokenization.tokenizers import (
     AnyTokenizer,
     DataError,
@@ -38,8 +39,14 @@ from genai_jax.tokenization.tokenizers import (
     parse_spec,
 )
 
-# Canaries (`genai_jax.data.private`) are written in digits the text may lack.
-CANARY_CHARACTERS = " 0123456789INPmsy"
+# Canaries ("my PIN is 4 8 1 5 9 2", `genai_jax.data.private`) are written in characters the
+# text may lack.
+CANARY_CHARACTERS = "".join(sorted(set(CANARY_PREFIX + " 0123456789")))
+# A text file is prepared in this process (no worker processes to start beside a training run)
+# in units of this many bytes, which bounds the memory the preparation takes.
+UNIT_BYTES = 16 << 20
+# Bumped when what a preparation writes changes, so that older cache entries are not reused.
+CACHE_VERSION = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,15 +88,15 @@ def prepared_text(data_cfg, tokenizer: AnyTokenizer | None = None) -> pathlib.Pa
         fraction = data_cfg.validation_fraction
         identity = {"file": cache.file_identity(path), "validation_fraction": fraction}
         write = lambda out: prepare.prepare_text(  # noqa: E731
-            [path], out, spec, validation_fraction=fraction, tokenizer=tokenizer,
-            extra_characters=extra, log=log)
+            [path], out, spec, validation_fraction=fraction, workers=1, unit_bytes=UNIT_BYTES,
+            tokenizer=tokenizer, extra_characters=extra, single_document=True, log=log)
     else:
         sources, identity = _tfds_sources(data_cfg)
         write = lambda out: prepare.prepare_documents(  # noqa: E731
             sources, f"data set {data_cfg.name!r}", out, spec, tokenizer=tokenizer,
             extra_characters=extra, log=log)
     identity = {**identity, "tokenizer": spec, "extra_characters": extra,
-                "format": shards.FORMAT}
+                "format": shards.FORMAT, "version": CACHE_VERSION}
     fingerprint = None if tokenizer is None else shards.tokenizer_sha256(tokenizer)
     directory = cache.prepared(identity, fingerprint, write)
     log(f"tokens read from {directory} (tokenised there once)")
