@@ -25,7 +25,8 @@ ACCEL_DEFAULTS = dict(batch=16, height=32, width=32, channels=256, groups=32,
 
 def _figures(fn, args, nbytes, time_ms, temp_bytes) -> dict:
     ms = time_ms(fn, args)
-    return {"ms": round(ms, 4), "gbytes_per_s": round(nbytes / ms / 1e6, 3),
+    # 4 significant digits: a tiny shape on a slow CPU must not round its rate to 0
+    return {"ms": round(ms, 4), "gbytes_per_s": float(f"{nbytes / ms / 1e6:.4g}"),
             "temp_bytes": temp_bytes(fn, args)}
 
 

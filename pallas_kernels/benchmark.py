@@ -92,8 +92,9 @@ def run(args) -> dict:
         results[name] = {
             "fwd_ms": round(fwd_ms, 4),
             "fwd_bwd_ms": round(fwd_bwd_ms, 4),
-            "fwd_tflops": round(fwd_flops / fwd_ms / 1e9, 4),
-            "fwd_bwd_tflops": round(3.5 * fwd_flops / fwd_bwd_ms / 1e9, 4),
+            # 4 significant digits: tiny shapes on a CPU must not round to 0
+            "fwd_tflops": float(f"{fwd_flops / fwd_ms / 1e9:.4g}"),
+            "fwd_bwd_tflops": float(f"{3.5 * fwd_flops / fwd_bwd_ms / 1e9:.4g}"),
             "fwd_bwd_temp_bytes": _temp_bytes(fwd_bwd, (q, k, v)),
         }
         r = results[name]
