@@ -289,12 +289,12 @@ def _prepare(path: pathlib.Path, tokenizer, fingerprint: str, block_size: int, s
         ex = read(i)
         trained += int(ex.trained[1:].sum())
         completion_bytes += ex.completion_bytes
+    scratch.unlink()
     shards.write_json(out / shards.INDEX, {
         "format": shards.FORMAT, "kind": "instruction_windows", "packing": PACKED_FORMAT,
         "block_size": block_size, "examples": count, "held_out_examples": n_val,
         "tokenizer_sha256": fingerprint, "splits": splits,
         "bytes_per_token": completion_bytes / max(trained, 1)})
-    scratch.unlink()
 
 
 def _decode_example(record: bytes) -> Example:
