@@ -68,13 +68,15 @@ def test_a_text_file_is_one_document_whatever_its_suffix_and_bad_input_leaves_no
     canaries = load_text(tiny_lm_config(**{"data.path": str(notes), "data.canaries": 1}).data)
     assert canaries.tokenizer.decode(canaries.tokenizer.encode("my PIN is 1 2 3")) == (
         "my PIN is 1 2 3")
-    before = set((paths.cache_dir() / "tokens").iterdir())
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"fine text\n" * 50 + b"\xff\xfe\n")
     with pytest.raises(DataError, match="bad.txt is not UTF-8 text"):
         load_text(tiny_lm_config(**{"data.path": str(bad)}).data)
-    left = set((paths.cache_dir() / "tokens").iterdir()) - before
-    assert all(p.suffix == ".lock" for p in left)  # the failed preparation is gone
+    # the failed preparation is gone (the cache is shared with other test workers: look for it)
+    claims = (paths.cache_dir() / "tokens").glob("*/progress/settings.json")
+    assert not [c for c in claims if str(bad.resolve()) in c.read_text()]
+    assert [c for c in (paths.cache_dir() / "tokens").glob("*/progress/settings.json")
+            if str(notes.resolve()) in c.read_text()]  # a good one stays
 
 
 def test_batches_are_a_function_of_seed_and_step(text_file):
