@@ -58,24 +58,23 @@ def new_tokenizer(spec: str, path: str | pathlib.Path):
     from genai_jax.tokenization import make_tokenizer, parse_spec
 
     path, kind = _jsonl_file(path), parse_spec(spec)[0]
-    source, sample = f"data file {path}", b""
-    if kind in ("char", "bpe"):
-        chars, lines, size = set(), [], 0
+    sample = b""
+    if kind == "bpe":
+        with path.open("rb") as f:
+            sample = f.read(prepare.BPE_SAMPLE_BYTES)
+        if len(sample) == prepare.BPE_SAMPLE_BYTES and b"\n" in sample:
+            sample = sample[:sample.rindex(b"\n") + 1]  # whole lines
+    elif kind == "char":
+        chars = set()
         with path.open("rb") as f:
             for number, line in enumerate(f, 1):
-                if kind == "bpe":
-                    if size >= prepare.BPE_SAMPLE_BYTES:
-                        break
-                    lines.append(line)
-                    size += len(line)
-                    continue
                 try:
                     chars |= set(line.decode("utf-8"))
                 except UnicodeDecodeError:
                     raise DataError(f"{path} line {number} is not UTF-8 text; use "
                                     "data.tokenizer='byte'") from None
-        sample = b"".join(lines) if kind == "bpe" else "".join(sorted(chars)).encode("utf-8")
-    return make_tokenizer(spec, sample, source)
+        sample = "".join(sorted(chars)).encode("utf-8")
+    return make_tokenizer(spec, sample, f"data file {path}")
 
 
 def _jsonl_file(path: str | pathlib.Path) -> pathlib.Path:
