@@ -60,12 +60,18 @@ def base_config(family: str = "transformer") -> ml_collections.ConfigDict:
     # applies the mean client update with server_optimizer ("fedavg": SGD with
     # server_momentum, "fedadam": Adam) at server_lr. num_clients: iid and
     # label_skew deal the data into that many; by_speaker keeps the N speakers with the most
-    # text (0: all). With train.privacy: user-level DP-FedAvg (clip_norm bounds a client's
-    # update; a client is the privacy unit).
+    # text (0: all). client_sampling: "uniform" (the round's clients drawn uniformly, their
+    # updates weighted by their amounts of data), or "by_size" (drawn with replacement in
+    # proportion to their amounts of data, updates weighted equally). client_moments: Adam
+    # clients' moments "fresh" every round, or "averaged" (kept by the server as the mean of the
+    # last round's clients' moments). With train.privacy:
+    # user-level DP-FedAvg (clip_norm bounds a client's update; a client is the privacy unit;
+    # clients uniform, weighted equally).
     c.train.federated = ml_collections.ConfigDict(dict(
         clients_per_round=0, num_clients=0, partition="iid", dirichlet_alpha=0.5,
         local_steps=5, client_lr=0.1, client_lr_schedule="constant", client_optimizer="sgd",
-        server_optimizer="fedavg", server_lr=1.0, server_momentum=0.0))
+        server_optimizer="fedavg", server_lr=1.0, server_momentum=0.0,
+        client_sampling="uniform", client_moments="fresh"))
     # eval.batch_size 0: train.batch_size
     c.eval = dict(every=250, steps=20, batch_size=0, **defaults.get("eval", {}))
     c.checkpoint = dict(every=500, keep=3, async_save=True)
@@ -155,7 +161,9 @@ def _validate_federated(config) -> None:
     check_choices(config, {"train.federated.partition": ("iid", "label_skew", "by_speaker"),
                            "train.federated.server_optimizer": ("fedavg", "fedadam"),
                            "train.federated.client_optimizer": ("sgd", "adam"),
-                           "train.federated.client_lr_schedule": ("constant", "cosine")})
+                           "train.federated.client_lr_schedule": ("constant", "cosine"),
+                           "train.federated.client_sampling": ("uniform", "by_size"),
+                           "train.federated.client_moments": ("fresh", "averaged")})
     if not 0.0 <= f.server_momentum < 1.0:
         raise ConfigError(f"train.federated.server_momentum={f.server_momentum} must be in "
                           "[0, 1)")
@@ -187,6 +195,15 @@ def _validate_federated(config) -> None:
     if t.grad_accum_steps != 1:
         raise ConfigError("train.grad_accum_steps must be 1 in federated training: a round's "
                           "clients already take train.federated.local_steps steps each")
+    if f.client_sampling == "by_size" and privacy_enabled(config):
+        raise ConfigError("train.federated.client_sampling='by_size' favours the clients with "
+                          "more data; DP-FedAvg samples clients uniformly and weighs them "
+                          "equally (a client is the privacy unit): use 'uniform'")
+    if f.client_moments == "averaged" and (f.client_optimizer != "adam"
+                                           or privacy_enabled(config)):
+        raise ConfigError("train.federated.client_moments='averaged' averages the Adam "
+                          "clients' moments at the server (client_optimizer='adam'), without "
+                          "noise: not under DP-FedAvg")
     if t.privacy.per_example_chunk:
         raise ConfigError("train.privacy.per_example_chunk is DP-SGD's: DP-FedAvg clips whole "
                           "client updates; set it to 0")

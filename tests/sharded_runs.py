@@ -56,10 +56,13 @@ DP_LM = {"train.steps": 10, "train.grad_clip": 0.0, "train.grad_accum_steps": 2,
 
 
 # A federated LM: 3 clients per round of 8, padded to a multiple of the data-parallel devices
-# (the clients split over them); the padding slots change nothing.
+# (the clients split over them); the padding slots change nothing. Adam clients whose moments
+# the server keeps (sharded like the parameters), clients drawn by size.
 FED_LM = {"train.steps": 4, "train.batch_size": 2, "train.federated.clients_per_round": 3,
           "train.federated.num_clients": 8, "train.federated.local_steps": 2,
-          "eval.every": 4, "checkpoint.every": 4}
+          "train.federated.client_optimizer": "adam", "train.federated.client_lr": 0.01,
+          "train.federated.client_moments": "averaged",
+          "train.federated.client_sampling": "by_size", "eval.every": 4, "checkpoint.every": 4}
 
 
 def image_config(family: str, layout: str):

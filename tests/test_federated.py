@@ -102,6 +102,29 @@ def test_rounds_read_the_selected_clients_examples_by_seed_and_round():
     assert len(set(counts)) > 3 and abs(np.mean(counts) - 3) < 0.25
 
 
+def test_by_size_rounds_draw_clients_in_proportion_to_their_data_weighted_equally():
+    members = [np.arange(0, 5), np.arange(5, 20), np.arange(20, 60)]  # sizes 5, 15, 40
+    source = [{"x": np.float32(i)} for i in range(60)]
+    clients = federated.IndexedClients(source, members)
+    rounds = federated.ClientRounds(clients, 4, False, slots=4, local_examples=6, seed=2,
+                                    by_size=True)
+    drawn = np.concatenate([rounds.clients_of(r) for r in range(1500)])
+    assert len(drawn) == 6000
+    frequencies = np.bincount(drawn, minlength=3) / len(drawn)
+    assert np.allclose(frequencies, [5 / 60, 15 / 60, 40 / 60], atol=0.02)
+    twice = next(r for r in range(50) if len(set(rounds.clients_of(r).tolist())) < 4)
+    rows = [rounds[twice * 24 + i] for i in range(24)]
+    assert {r[federated.WEIGHT] for r in rows} == {1.0}  # equal weights
+    assert {r[federated.MASK] for r in rows} == {1.0}
+    blocks = {}
+    for slot, client in enumerate(rounds.clients_of(twice).tolist()):
+        xs = [int(r["x"]) for r in rows[slot * 6:(slot + 1) * 6]]
+        assert set(xs) <= set(members[client].tolist())  # its own examples
+        blocks.setdefault(client, []).append(xs)
+    # a client drawn twice in a round reads two draws of its examples
+    assert any(len(b) > 1 and b[0] != b[1] for b in blocks.values())
+
+
 def test_short_speakers_are_padded_windows_with_a_loss_mask():
     clients = federated.StreamClients([np.arange(3, dtype=np.int32) + 1,
                                        np.arange(50, dtype=np.int32)], block_size=8)
@@ -172,6 +195,50 @@ def test_a_round_is_fedavg_of_hand_written_local_sgd(server):
         np.testing.assert_allclose(new.params[k], expected[k], rtol=2e-5, atol=1e-6)
     assert float(metrics["clients"]) == 2 and int(new.step) == 1
     np.testing.assert_allclose(metrics["update_norm"], optax.global_norm(average), rtol=1e-5)
+
+
+def hand_written_local_adam(params, rows, lr, mu, nu, count, b1=0.9, b2=0.99, eps=1e-8):
+    """Adam from moments `mu`, `nu` after `count` steps on one client's local batches."""
+    p = params
+    for batch in rows:
+        grads = jax.grad(lambda q, b=batch: regression_loss(q, b, None)[0])(p)
+        count += 1
+        mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, mu, grads)
+        nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, nu, grads)
+        p = jax.tree.map(lambda a, m, v: a - lr * (m / (1 - b1 ** count))
+                         / (jnp.sqrt(v / (1 - b2 ** count)) + eps), p, mu, nu)
+    return jax.tree.map(jnp.subtract, p, params), mu, nu
+
+
+def test_averaged_client_moments_carry_the_round_clients_mean_adam_moments():
+    """client_moments='averaged': every client's local Adam starts from the server's moments,
+    and the server keeps the clients' final moments averaged with the updates' weights."""
+    from genai_jax.optim.federated import FedOptState, server_optimizer
+
+    params, batch = regression_round()
+    fed = FedAvg(local_steps=2, local_batch=4, client_lr=0.05, expected_clients=2,
+                 client_optimizer="adam", averaged_moments=True)
+    fed_cfg = ml_collections.ConfigDict(dict(server_optimizer="fedavg", server_lr=1.0,
+                                             client_moments="averaged"))
+    tx = server_optimizer(fed_cfg)
+    state = TrainState.create(params, tx, jax.random.PRNGKey(0))
+    assert isinstance(state.opt_state, FedOptState)
+    step = jax.jit(make_round_step(regression_loss, tx, fed))
+    p = params
+    mu = nu = jax.tree.map(jnp.zeros_like, params)
+    for round_ in range(2):
+        state, _ = step(state, batch)
+        outs = [hand_written_local_adam(p, client_rows(batch, c, 2, 4), 0.05, mu, nu,
+                                        2 * round_) for c in range(2)]
+        mean = lambda trees: jax.tree.map(lambda a, b: (1 * a + 2 * b) / 3, *trees)
+        p = jax.tree.map(jnp.add, p, mean([o[0] for o in outs]))
+        mu, nu = mean([o[1] for o in outs]), mean([o[2] for o in outs])
+        moments = state.opt_state.client
+        assert int(moments.count) == 2 * (round_ + 1)
+        for k in params:
+            np.testing.assert_allclose(state.params[k], p[k], rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(moments.mu[k], mu[k], rtol=1e-4, atol=1e-7)
+            np.testing.assert_allclose(moments.nu[k], nu[k], rtol=1e-4, atol=1e-9)
 
 
 def test_a_clients_data_never_enters_another_clients_update():
@@ -266,6 +333,25 @@ def test_a_dp_fedavg_run_resumes_exactly_per_round_and_logs_epsilon(play_file, t
         prepare(other, tmp_path / "straight")
 
 
+def test_averaged_moments_and_by_size_sampling_resume_exactly_per_round(play_file, tmp_path):
+    """The server's copy of the clients' Adam moments is checkpointed with the round."""
+    from genai_jax.optim.federated import FedOptState
+
+    overrides = {"train.federated.client_optimizer": "adam", "train.federated.client_lr": 0.01,
+                 "train.federated.client_moments": "averaged",
+                 "train.federated.client_sampling": "by_size"}
+    straight = train(fed_lm_config(play_file, **overrides), tmp_path / "straight",
+                     progress=False)
+    train(fed_lm_config(play_file, **overrides), tmp_path / "resumed", progress=False,
+          stop_at_step=2)
+    resumed = train(fed_lm_config(play_file, **overrides), tmp_path / "resumed", progress=False)
+    assert isinstance(resumed.state.opt_state, FedOptState)
+    assert int(resumed.state.opt_state.client.count) == 4 * 2  # rounds x local steps
+    for a, b in zip(jax.tree.leaves(straight.state), jax.tree.leaves(resumed.state),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_a_label_skewed_image_run_trains_its_clients(tmp_path):
     from genai_jax.config import base_config
 
@@ -293,6 +379,9 @@ def test_a_label_skewed_image_run_trains_its_clients(tmp_path):
     ({"train.grad_accum_steps": 2}, "train.grad_accum_steps must be 1"),
     ({"train.federated.server_optimizer": "fedprox"}, "is not one of"),
     ({"data.canaries": 2}, "not federated runs"),
+    ({"train.federated.client_sampling": "by_size", "train.privacy.noise_multiplier": 1.0},
+     "DP-FedAvg samples clients uniformly"),
+    ({"train.federated.client_moments": "averaged"}, "client_optimizer='adam'"),
 ])
 def test_bad_federated_settings_are_one_line_before_compiling(overrides, message, play_file,
                                                              tmp_path):

@@ -16,12 +16,22 @@ A round is one trainer step. Its global batch is `slots x local_steps x local_ba
 slot c holds the `local_steps` local batches of one selected client, contiguous, so that
 clients split over the data-parallel devices as the rows do (`slots` is a multiple of their
 number; slots beyond the round's clients are padding). Rows carry `client_mask` (1: a real
-client, 0: a padding slot) and `client_weight` (the client's amount of data, FedAvg's weight).
-The clients of round r are drawn from a generator seeded by (seed, r): `clients_per_round` of
-them uniformly, or, under DP-FedAvg with `sampling='poisson'`, each one independently with
-probability clients_per_round / num_clients (padded to a cap like DP-SGD's batches,
-`genai_jax.data.private.poisson_cap`); each client's examples by (seed, r, client). So a round's
-rows are a function of (seed, round), and a resumed run sees the rounds of an uninterrupted one.
+client, 0: a padding slot) and `client_weight` (the slot's weight in the server's average).
+The clients of round r are drawn from a generator seeded by (seed, r), by
+`train.federated.client_sampling`:
+  - `uniform`: `clients_per_round` distinct clients uniformly, each weighted by its amount of
+    data (FedAvg as McMahan et al., 2017 run it); under DP-FedAvg with `sampling='poisson'`,
+    each client independently with probability clients_per_round / num_clients (padded to a
+    cap like DP-SGD's batches, `genai_jax.data.private.poisson_cap`), weighted equally;
+  - `by_size`: `clients_per_round` draws with replacement, client c with probability
+    proportional to its amount of data, weighted equally (scheme I of Li et al., "On the
+    Convergence of FedAvg on Non-IID Data", 2020). The expected update is `uniform`'s, but
+    every slot counts as much as another: with play speakers, whose amounts of text span three
+    orders of magnitude, `uniform`'s weights leave a round of 10 clients about 3.4 clients'
+    worth of update, and most of its small clients' windows repeat their few lines.
+Each client's examples are drawn by (seed, r, client) (`by_size`: by (seed, r, client, slot),
+so a client drawn twice reads two draws). So a round's rows are a function of (seed, round),
+and a resumed run sees the rounds of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -180,11 +190,13 @@ class ClientRounds(grain.MapDataset):
     local_examples`: row `c x local_examples + k` is example k of the client in slot c."""
 
     def __init__(self, clients, per_round: int, poisson: bool, slots: int,
-                 local_examples: int, seed: int):
+                 local_examples: int, seed: int, by_size: bool = False):
         super().__init__()
         self._clients, self._per_round, self._poisson = clients, per_round, poisson
         self._slots, self._local, self._seed = slots, local_examples, seed
-        self._sizes = clients.sizes
+        self._sizes, self._by_size = clients.sizes, by_size
+        # FedAvg's weight of a slot's update: the client's amount of data, or equal
+        self._weights = (np.ones_like(self._sizes) if by_size or poisson else self._sizes)
         # A padding slot's rows: an example of client 0 (masked out, so any would do).
         self._padding = clients.example(0, int(clients.draw(0, 1, np.random.default_rng(0))[0]))
         self._round, self._plan = -1, ([], [])
@@ -209,10 +221,14 @@ class ClientRounds(grain.MapDataset):
                 logging.warning("round %d drew %d clients, more than its cap of %d "
                                 "(probability < %g): it keeps %d", round_, k, self._slots,
                                 private.OVERFLOW_PROBABILITY, self._slots)
-            chosen = rng.choice(n, min(k, self._slots), replace=False)
-            specs = [self._clients.draw(int(c), self._local,
-                                        np.random.default_rng([self._seed, round_, int(c)]))
-                     for c in chosen]
+            if self._by_size:
+                chosen = rng.choice(n, k, replace=True, p=self._sizes / self._sizes.sum())
+                seeds = [[self._seed, round_, int(c), slot] for slot, c in enumerate(chosen)]
+            else:
+                chosen = rng.choice(n, min(k, self._slots), replace=False)
+                seeds = [[self._seed, round_, int(c)] for c in chosen]
+            specs = [self._clients.draw(int(c), self._local, np.random.default_rng(s))
+                     for c, s in zip(chosen, seeds, strict=True)]
             self._round, self._plan = round_, (chosen, specs)
         return self._plan
 
@@ -225,7 +241,7 @@ class ClientRounds(grain.MapDataset):
         if slot < len(chosen):
             client = int(chosen[slot])
             example = self._clients.example(client, int(specs[slot][k]))
-            return {**example, MASK: np.float32(1), WEIGHT: np.float32(self._sizes[client])}
+            return {**example, MASK: np.float32(1), WEIGHT: np.float32(self._weights[client])}
         return {**self._padding, MASK: np.float32(0), WEIGHT: np.float32(0)}
 
 
@@ -250,7 +266,8 @@ def client_batches(clients, config, multiple: int = 1, augment=None) -> tuple[Ba
     poisson = privacy_enabled(config) and train.privacy.sampling == "poisson"
     slots = slots_of(fed, n, poisson, train.steps, multiple)
     local = fed.local_steps * train.batch_size
-    rounds = ClientRounds(clients, fed.clients_per_round, poisson, slots, local, config.seed)
+    rounds = ClientRounds(clients, fed.clients_per_round, poisson, slots, local, config.seed,
+                          by_size=fed.client_sampling == "by_size")
     info = {"num_clients": n, "slots": slots, "client_sizes": clients.sizes,
             "examples_per_round": fed.clients_per_round * local}
     examples = rounds if augment is None else rounds.seed(config.seed + 3).random_map(augment)

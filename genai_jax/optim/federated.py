@@ -2,13 +2,18 @@
 
 A round (one trainer step) reads `slots x local_steps x local_batch` rows
 (`genai_jax.data.federated`): slot c holds the local batches of one client of the round.
-Every client starts from the server's parameters and takes `local_steps` steps of SGD (or
-Adam, its moments fresh each round: a client keeps no state) at `client_lr` (its gradient
-clipped to `train.grad_clip` first, when set) on its own batches;
+Every client starts from the server's parameters and takes `local_steps` steps of SGD or Adam
+at `client_lr` (its gradient clipped to `train.grad_clip` first, when set) on its own batches.
+A client keeps no state between rounds: Adam's moments start fresh every round, or, with
+`client_moments='averaged'`, from the server's, which the server keeps as the average of the
+round's clients' final moments (the clients' optimizer state averaged like their parameters, as
+in local Adam with averaged moments: Chen et al., 2020; not under DP-FedAvg, where the moments
+would carry the clients' data without noise);
 the clients run as one compiled function, `vmap` over the slots (which split over the
 data-parallel devices as the rows do), so a client's computation reads its own rows only. A
-client's update is the change of its parameters. The server averages the updates, weighted by
-the clients' amounts of data (FedAvg: McMahan et al., 2017), and applies the average as a
+client's update is the change of its parameters. The server averages the updates, weighted as
+the rows' `client_weight` says (FedAvg, McMahan et al., 2017: by the clients' amounts of data;
+equally when the clients were drawn in proportion to them), and applies the average as a
 negative gradient with its optimizer: `fedavg` (SGD; at server_lr 1 the average itself) or
 `fedadam` (Adam: Reddi et al., "Adaptive Federated Optimization", 2021).
 
@@ -23,6 +28,7 @@ Poisson-sampled clients per round, which the accountant counts.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +55,7 @@ class FedAvg:
     client_schedule: optax.Schedule | None = None
     clip_norm: float = 0.0  # of each client's update: DP-FedAvg when > 0
     noise_multiplier: float = 0.0
+    averaged_moments: bool = False  # Adam's moments carried by the server (`FedOptState`)
 
     @property
     def private(self) -> bool:
@@ -66,7 +73,8 @@ def from_config(config, data_info: dict) -> FedAvg | None:
         clip = t.privacy.clip_norm
         noise = data_info.get("noise_multiplier", t.privacy.noise_multiplier) or 0.0
     return FedAvg(fed.local_steps, t.batch_size, fed.client_lr, fed.clients_per_round,
-                  t.grad_clip, fed.client_optimizer, client_schedule(config), clip, float(noise))
+                  t.grad_clip, fed.client_optimizer, client_schedule(config), clip, float(noise),
+                  fed.client_moments == "averaged")
 
 
 def client_schedule(config) -> optax.Schedule | None:
@@ -81,20 +89,49 @@ def client_schedule(config) -> optax.Schedule | None:
                                               max(steps, warmup + 1), fed.client_lr / 10)
 
 
+class FedOptState(NamedTuple):
+    """The server's optimizer state with `client_moments='averaged'`: its own, and the Adam
+    moments every round's clients start from."""
+
+    server: optax.OptState
+    client: optax.ScaleByAdamState
+
+
+def _client_adam() -> optax.GradientTransformation:
+    return optax.scale_by_adam(b1=0.9, b2=0.99)
+
+
 def server_optimizer(fed_cfg) -> optax.GradientTransformation:
-    """The server's optimizer of the averaged client update (as a negative gradient)."""
+    """The server's optimizer of the averaged client update (as a negative gradient); with
+    `client_moments='averaged'` its state is a `FedOptState`, whose clients' moments the round
+    step (not this transformation) replaces."""
     if fed_cfg.server_optimizer == "fedadam":
         # Reddi et al.'s FedAdam: its adaptivity eps (tau) is large, 1e-3.
-        return optax.adam(fed_cfg.server_lr, b1=0.9, b2=0.99, eps=1e-3)
-    # FedAvgM (Hsu et al., 2019) with a momentum: Nesterov's, as DiLoCo's outer optimizer.
-    momentum = fed_cfg.get("server_momentum", 0.0)
-    return optax.sgd(fed_cfg.server_lr, momentum=momentum or None, nesterov=momentum > 0)
+        tx = optax.adam(fed_cfg.server_lr, b1=0.9, b2=0.99, eps=1e-3)
+    else:
+        # FedAvgM (Hsu et al., 2019) with a momentum: Nesterov's, as DiLoCo's outer optimizer.
+        momentum = fed_cfg.get("server_momentum", 0.0)
+        tx = optax.sgd(fed_cfg.server_lr, momentum=momentum or None, nesterov=momentum > 0)
+    if fed_cfg.get("client_moments", "fresh") != "averaged":
+        return tx
+
+    def init(params):
+        return FedOptState(tx.init(params), _client_adam().init(params))
+
+    def update(updates, state, params=None):
+        updates, server = tx.update(updates, state.server, params)
+        return updates, state._replace(server=server)
+
+    return optax.GradientTransformation(init, update)
 
 
 def client_updates(grad_fn, params, rows: dict, rng: jax.Array, fed: FedAvg,
-                   client_lr: jax.Array | float | None = None):
-    """`(updates, losses, metrics)`: every slot's client update (a pytree like `params` with a
-    leading `[slots]` axis), mean local loss `[slots]` and mean family metrics `[slots]`.
+                   client_lr: jax.Array | float | None = None,
+                   moments: optax.ScaleByAdamState | None = None):
+    """`(updates, losses, metrics, moments)`: every slot's client update (a pytree like
+    `params` with a leading `[slots]` axis), mean local loss `[slots]`, mean family metrics
+    `[slots]`, and (when `moments`, the Adam moments to start from, are given) the final
+    moments of every slot.
 
     `grad_fn(params, batch, rng) -> ((loss, metrics), grads)`; `rows` are the round's rows
     without the client mask and weight; slot c's key is `fold_in(rng, c)`, its local step i's
@@ -105,9 +142,11 @@ def client_updates(grad_fn, params, rows: dict, rng: jax.Array, fed: FedAvg,
     slots = next(iter(rows.values())).shape[0] // per_client
     clients = jax.tree.map(
         lambda x: x.reshape(slots, fed.local_steps, fed.local_batch, *x.shape[1:]), rows)
-    parts = [optax.clip_by_global_norm(fed.grad_clip)] if fed.grad_clip > 0 else []
-    local_tx = optax.chain(*parts, optax.adam(lr, b1=0.9, b2=0.99)
-                           if fed.client_optimizer == "adam" else optax.sgd(lr))
+    clip = optax.clip_by_global_norm(fed.grad_clip) if fed.grad_clip > 0 else optax.identity()
+    adam = fed.client_optimizer == "adam"
+    # (clip, adam's moments, the step) so that the moments can start from `moments`
+    local_tx = optax.chain(clip, _client_adam() if adam else optax.identity(),
+                           optax.scale_by_learning_rate(lr))
 
     def local_training(batches, key):
         def local_step(carry, inputs):
@@ -117,15 +156,18 @@ def client_updates(grad_fn, params, rows: dict, rng: jax.Array, fed: FedAvg,
             updates, opt_state = local_tx.update(grads, opt_state, p)
             return (optax.apply_updates(p, updates), opt_state), (loss, metrics)
 
-        (trained, _), (losses, metrics) = jax.lax.scan(
-            local_step, (params, local_tx.init(params)),
-            (jnp.arange(fed.local_steps), batches))
+        start = local_tx.init(params)
+        if moments is not None:
+            start = (start[0], moments, start[2])
+        (trained, end), (losses, metrics) = jax.lax.scan(
+            local_step, (params, start), (jnp.arange(fed.local_steps), batches))
         update = jax.tree.map(jnp.subtract, trained, params)
-        return update, losses.mean(), jax.tree.map(jnp.mean, metrics)
+        return update, losses.mean(), jax.tree.map(jnp.mean, metrics), end[1]
 
     keys = jax.vmap(lambda c: jax.random.fold_in(rng, c))(jnp.arange(slots))
     with parallel.unconstrained():  # the model's batch here is one client's: see there
-        return jax.vmap(local_training)(clients, keys)
+        updates, losses, metrics, ends = jax.vmap(local_training)(clients, keys)
+    return updates, losses, metrics, (ends if moments is not None else None)
 
 
 def _weighted_sum(tree, weights: jax.Array):
@@ -146,9 +188,10 @@ def make_round_step(loss_fn, tx: optax.GradientTransformation, fed: FedAvg, *,
         client_rng, noise_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
         rows = {k: v for k, v in batch.items() if k not in (MASK, WEIGHT)}
         client_lr = None if fed.client_schedule is None else fed.client_schedule(state.step)
-        updates, losses, metrics = client_updates(
+        start = state.opt_state.client if fed.averaged_moments else None
+        updates, losses, metrics, moments = client_updates(
             lambda p, b, r: grad_fn(p, b, r, state.frozen), state.params, rows, client_rng,
-            fed, client_lr)
+            fed, client_lr, start)
         slots = losses.shape[0]
         mask = batch[MASK].reshape(slots, -1)[:, 0]
         count = jnp.sum(mask)
@@ -170,6 +213,12 @@ def make_round_step(loss_fn, tx: optax.GradientTransformation, fed: FedAvg, *,
         mean = lambda v: jnp.sum(v * weights) / jnp.maximum(jnp.sum(weights), 1e-12)
         server_grad = jax.tree.map(jnp.negative, average)
         step_updates, opt_state = tx.update(server_grad, state.opt_state, state.params)
+        if fed.averaged_moments:  # the round's clients' moments, averaged as their updates
+            total = jnp.maximum(jnp.sum(weights), 1e-12)
+            average_moment = lambda m: jax.tree.map(lambda s: s / total, _weighted_sum(m, weights))
+            opt_state = opt_state._replace(client=start._replace(
+                count=start.count + fed.local_steps, mu=average_moment(moments.mu),
+                nu=average_moment(moments.nu)))
         params = optax.apply_updates(state.params, step_updates)
         ema = ema_update(state.ema, params, state.step, ema_decay)
         metrics = {**{k: mean(v) for k, v in metrics.items()}, **extra, "loss": mean(losses),
