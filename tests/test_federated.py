@@ -205,8 +205,9 @@ def hand_written_local_adam(params, rows, lr, mu, nu, count, b1=0.9, b2=0.99, ep
         count += 1
         mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, mu, grads)
         nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, nu, grads)
-        p = jax.tree.map(lambda a, m, v: a - lr * (m / (1 - b1 ** count))
-                         / (jnp.sqrt(v / (1 - b2 ** count)) + eps), p, mu, nu)
+        m_hat, v_hat = 1 - b1 ** count, 1 - b2 ** count
+        p = jax.tree.map(lambda a, m, v, m_hat=m_hat, v_hat=v_hat:
+                         a - lr * (m / m_hat) / (jnp.sqrt(v / v_hat) + eps), p, mu, nu)
     return jax.tree.map(jnp.subtract, p, params), mu, nu
 
 
