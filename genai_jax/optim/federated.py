@@ -1,21 +1,20 @@
 """Federated averaging: the selected clients' local training, then the server's update.
 
 A round (one trainer step) reads `slots x local_steps x local_batch` rows
-(`genai_jax.data.federated`): slot c holds the local batches of one client of the round.
-Every client starts from the server's parameters and takes `local_steps` steps of SGD or Adam
-at `client_lr` (its gradient clipped to `train.grad_clip` first, when set) on its own batches.
-A client keeps no state between rounds: Adam's moments start fresh every round, or, with
+(`genai_jax.data.federated`): slot c holds the local batches of one client of the round. Every
+client starts from the server's parameters and takes `local_steps` steps of SGD or Adam at
+`client_lr` (its gradient clipped to `train.grad_clip` first, when set) on its own batches. A
+client keeps no state between rounds: Adam's moments start fresh every round, or, with
 `client_moments='averaged'`, from the server's, which the server keeps as the average of the
-round's clients' final moments (the clients' optimizer state averaged like their parameters, as
-in local Adam with averaged moments: Chen et al., 2020; not under DP-FedAvg, where the moments
-would carry the clients' data without noise);
-the clients run as one compiled function, `vmap` over the slots (which split over the
-data-parallel devices as the rows do), so a client's computation reads its own rows only. A
-client's update is the change of its parameters. The server averages the updates, weighted as
-the rows' `client_weight` says (FedAvg, McMahan et al., 2017: by the clients' amounts of data;
-equally when the clients were drawn in proportion to them), and applies the average as a
-negative gradient with its optimizer: `fedavg` (SGD; at server_lr 1 the average itself) or
-`fedadam` (Adam: Reddi et al., "Adaptive Federated Optimization", 2021).
+round's clients' final moments (the clients' optimizer state averaged like their parameters;
+not under DP-FedAvg, where the moments would carry the clients' data without noise). The
+clients run as one compiled function, `vmap` over the slots (which split over the data-parallel
+devices as the rows do), so a client's computation reads its own rows only. A client's update
+is the change of its parameters. The server averages the updates, weighted as the rows'
+`client_weight` says (FedAvg, McMahan et al., 2017: by the clients' amounts of data; equally
+when the clients were drawn in proportion to them), and applies the average as a negative
+gradient with its optimizer: `fedavg` (SGD; at server_lr 1 the average itself) or `fedadam`
+(Adam: Reddi et al., "Adaptive Federated Optimization", 2021).
 
 Under `train.privacy` the round is user-level DP-FedAvg (McMahan et al., "Learning
 Differentially Private Recurrent Language Models", 2018): every client's update is clipped to
@@ -174,6 +173,11 @@ def _weighted_sum(tree, weights: jax.Array):
     return jax.tree.map(lambda x: jnp.tensordot(weights.astype(x.dtype), x, axes=1), tree)
 
 
+def _weighted_mean(tree, weights: jax.Array):
+    total = jnp.maximum(jnp.sum(weights), 1e-12)
+    return jax.tree.map(lambda s: s / total, _weighted_sum(tree, weights))
+
+
 def make_round_step(loss_fn, tx: optax.GradientTransformation, fed: FedAvg, *,
                     ema_decay: float = 0.0):
     """`round_step(state, batch) -> (state, metrics)`: one round of FedAvg (DP-FedAvg when
@@ -208,17 +212,14 @@ def make_round_step(loss_fn, tx: optax.GradientTransformation, fed: FedAvg, *,
             weights = mask
         else:
             weights = mask * batch[WEIGHT].reshape(slots, -1)[:, 0]
-            average = jax.tree.map(lambda s: s / jnp.maximum(jnp.sum(weights), 1e-12),
-                                   _weighted_sum(updates, weights))
-        mean = lambda v: jnp.sum(v * weights) / jnp.maximum(jnp.sum(weights), 1e-12)
+            average = _weighted_mean(updates, weights)
+        mean = lambda v: _weighted_mean(v, weights)
         server_grad = jax.tree.map(jnp.negative, average)
         step_updates, opt_state = tx.update(server_grad, state.opt_state, state.params)
         if fed.averaged_moments:  # the round's clients' moments, averaged as their updates
-            total = jnp.maximum(jnp.sum(weights), 1e-12)
-            average_moment = lambda m: jax.tree.map(lambda s: s / total, _weighted_sum(m, weights))
             opt_state = opt_state._replace(client=start._replace(
-                count=start.count + fed.local_steps, mu=average_moment(moments.mu),
-                nu=average_moment(moments.nu)))
+                count=start.count + fed.local_steps, mu=_weighted_mean(moments.mu, weights),
+                nu=_weighted_mean(moments.nu, weights)))
         params = optax.apply_updates(state.params, step_updates)
         ema = ema_update(state.ema, params, state.step, ema_decay)
         metrics = {**{k: mean(v) for k, v in metrics.items()}, **extra, "loss": mean(losses),
